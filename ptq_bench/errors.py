@@ -1,0 +1,17 @@
+"""User-facing errors: each carries a one-line message that ``run.py`` prints without a traceback."""
+
+
+class PTQBenchError(Exception):
+    """Base class for problems caused by the user's input (config, data, checkpoint)."""
+
+
+class ConfigError(PTQBenchError):
+    """An unknown name or an impossible value in the configuration."""
+
+
+class DataError(PTQBenchError):
+    """A missing dataset path, an empty split or an unreadable image."""
+
+
+class CheckpointError(PTQBenchError):
+    """A checkpoint that is missing, unreadable or does not fit the model."""

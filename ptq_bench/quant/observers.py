@@ -1,0 +1,109 @@
+"""Range observers: given rows of values (one row per quantization group) return per-row (low, high) ranges.
+
+Every observer is vectorized over rows, so per-channel calibration costs one sort, not a Python loop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ptq_bench.registry import Registry
+
+Observer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+OBSERVERS: Registry[Observer] = Registry("observer")
+
+#: Percentiles searched by the official RepQ-ViT code (classification/quant/quantizer.py, init_quantization_scale).
+REPQ_PERCENTILES = (0.999, 0.9999, 0.99999)
+
+
+def affine_params(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a uniform grid covering [low, high].
+
+    Asymmetric: scale = (high - low) / (2^b - 1), zero point = round(-low / scale) (as in RepQ-ViT).
+    Symmetric: scale = max(|low|, |high|) / (2^(b-1) - 1), zero point = 0.
+    """
+    if symmetric:
+        scale = torch.maximum(low.abs(), high.abs()) / (2 ** (bits - 1) - 1)
+        scale = scale.clamp_min(1e-8)
+        return scale, torch.zeros_like(scale)
+    scale = ((high - low) / (2**bits - 1)).clamp_min(1e-8)
+    return scale, torch.round(-low / scale)
+
+
+def grid_bounds(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range of the grid: [0, 2^b-1] asymmetric, [-2^(b-1), 2^(b-1)-1] symmetric."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """clamp(round(x / s) + z, qmin, qmax) - z, times s; rounding without gradient tricks (observer use)."""
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def rowwise_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile of each row of an already sorted 2-D tensor, linear interpolation (torch.quantile's default)."""
+    n = sorted_rows.shape[1]
+    pos = q * (n - 1)
+    lo = int(pos // 1)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    below, above = sorted_rows[:, lo], sorted_rows[:, hi]
+    return torch.lerp(below, above, torch.full_like(below, frac))
+
+
+def _row_errors(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, p: float) -> torch.Tensor:
+    scale, zp = affine_params(low, high, bits, symmetric)
+    qmin, qmax = grid_bounds(bits, symmetric)
+    xq = fake_quant(rows, scale[:, None], zp[:, None], qmin, qmax)
+    return (rows - xq).abs().pow(p).mean(dim=1)
+
+
+def _select(candidates: Sequence[tuple[torch.Tensor, torch.Tensor]], errors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the candidate with the smallest error; ties keep the earlier candidate."""
+    best = torch.stack(errors).argmin(dim=0)  # argmin returns the first minimum
+    lows = torch.stack([c[0] for c in candidates])
+    highs = torch.stack([c[1] for c in candidates])
+    idx = torch.arange(lows.shape[1], device=lows.device)
+    return lows[best, idx], highs[best, idx]
+
+
+@OBSERVERS.register("minmax")
+def minmax_observer(rows: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain minimum and maximum of each row."""
+    return rows.amin(dim=1), rows.amax(dim=1)
+
+
+@OBSERVERS.register("percentile")
+def percentile_observer(
+    rows: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    percentiles: Sequence[float] = REPQ_PERCENTILES,
+    p: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip each row to its [1-pct, pct] quantiles, keeping the pct with the smallest L_p error.
+
+    This is RepQ-ViT's search (quantizer.py ``init_quantization_scale``): for pct in {0.999, 0.9999, 0.99999}
+    the range is (quantile(1-pct), quantile(pct)) and the score is mean |x - Q(x)|^p with p = 2.
+    """
+    sorted_rows = rows.sort(dim=1).values
+    candidates = [(rowwise_quantile(sorted_rows, 1.0 - pct), rowwise_quantile(sorted_rows, pct)) for pct in percentiles]
+    errors = [_row_errors(rows, lo, hi, bits, symmetric, p) for lo, hi in candidates]
+    return _select(candidates, errors)
+
+
+@OBSERVERS.register("mse")
+def mse_observer(
+    rows: torch.Tensor, bits: int, symmetric: bool, num_candidates: int = 100, p: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink the min-max range by factors in (0, 1] and keep the factor with the smallest L_p error per row."""
+    low, high = rows.amin(dim=1), rows.amax(dim=1)
+    factors = torch.linspace(1.0 / num_candidates, 1.0, num_candidates).tolist()
+    candidates = [(low * f, high * f) for f in factors]
+    errors = [_row_errors(rows, lo, hi, bits, symmetric, p) for lo, hi in candidates]
+    return _select(candidates, errors)

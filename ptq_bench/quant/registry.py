@@ -1,0 +1,5 @@
+"""The quantizer registry: every quantizer class registers under a name (``uniform``, ``log2``, ...)."""
+
+from ptq_bench.registry import Registry
+
+QUANTIZERS: Registry[type] = Registry("quantizer")
