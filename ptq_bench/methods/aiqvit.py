@@ -1,0 +1,364 @@
+"""AIQViT (Jiang, Zhang, Wang, Yu, Guo; AAAI 2025, arXiv 2502.04628): architecture-informed PTQ for ViTs.
+
+No official code exists; docs/methods/aiqvit.md lists every detail with its source (paper section or harness
+choice). Pipeline, block by block in forward order:
+
+1. Base quantizers as in the paper's "Preliminaries": per-channel weights, per-tensor activations, post-LayerNorm
+   activations per channel during reconstruction and turned per-tensor by RepQ-ViT's scale reparameterization
+   afterwards (``reparam="after"``); the post-Softmax map with the Dynamic Focusing Quantizer (ptq_bench/quant/dfq.py).
+2. AILoC (Eq. 9-14): every linear layer of the block gets ΔW = B·A; its rank is chosen among ``candidate_ranks`` by a
+   DARTS search (first-order alternating updates of Θ on D_train and α on D_val, ``search_iters`` iterations).
+3. Block reconstruction (Eq. 10) of the chosen branches and the DFQ intervals for ``iters`` iterations on curriculum
+   subsets of the calibration set (Eq. 16-17); then ΔW is folded into the weight: the deployed weight is Q(W0 + BA).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods.base import METHODS, BitWidth, Method
+from ptq_bench.models import QuantSite, calibrating, prepare_
+from ptq_bench.quant import QUANTIZERS, Quantizer, UniformQuantizer
+from ptq_bench.quant.dfq import DynamicFocusingQuantizer
+from ptq_bench.quant.layers import QuantLinear
+from ptq_bench.transforms.lowrank import (
+    LowRankBranch,
+    LowRankQuantLinear,
+    architecture_parameters,
+    attach_lowrank_,
+    branch_parameters,
+    fold_lowrank_,
+    lowrank_layers,
+    usable_ranks,
+)
+from ptq_bench.transforms.reconstruction import (
+    BlockStateStore,
+    Curriculum,
+    ReconStep,
+    block_outputs,
+    capture_block_inputs,
+    clamp_scales_,
+    evaluate_losses,
+    find_blocks,
+    learnable_scales,
+    reconstruct_block,
+)
+from ptq_bench.transforms.reparam import mean_target, reparameterize_layernorm_
+
+log = logging.getLogger(__name__)
+
+#: Paper's candidate rank set S (Implementation details).
+PAPER_RANKS = (10, 20, 50, 100, 150)
+SOFTMAX_QUANTIZERS = ("dfq", "log2", "log_sqrt2", "uniform")
+
+
+@dataclass
+class AIQViTConfig:
+    """Options of :class:`AIQViT` (paper values in comments; "harness" marks choices the paper does not state)."""
+
+    lowrank: bool = True  # AILoC on/off (Table 5)
+    rank: Union[str, int] = "search"  # "search" (Eq. 11-14) or a fixed rank (Table 6: 20, 100)
+    candidate_ranks: tuple[int, ...] = PAPER_RANKS
+    placement: Literal["merged", "side"] = "merged"  # Eq. 9 (merged) vs Eq. 11's literal side branch
+    rank_init: Literal["reinit", "warm"] = "reinit"  # harness: DARTS retrains the derived architecture
+    drop_path: float = 0.1  # φ in Eq. 11; rate not given (harness)
+    search_iters: int = 2000  # paper
+    search_val_fraction: float = 0.5  # |D_val|/|D|; not given (harness, DARTS)
+    iters: int = 6000  # paper ("calibration" iterations)
+    batch_size: int = 24  # paper (ImageNet)
+    lr_lowrank: float = 1e-3  # harness (LoRA-typical)
+    lr_arch: float = 3e-4  # harness (DARTS)
+    arch_betas: tuple[float, float] = (0.5, 0.999)  # harness (DARTS)
+    arch_weight_decay: float = 1e-3  # harness (DARTS)
+    softmax_quantizer: str = "dfq"  # Table 5 "without DFQ" = uniform
+    dfq_init: Literal["max", "mse"] = "mse"  # harness
+    dfq_below: Literal["b1", "zero"] = "b1"  # harness reading of Eq. 15
+    lr_dfq: float = 4e-5  # harness (QDrop/AdaLog convention for ranges)
+    learn_act_scales: bool = True  # harness, inferred from Table 5 (see docs)
+    lr_act: float = 4e-5  # harness
+    curriculum: bool = True  # Eq. 16-17
+    curriculum_lambda0: float = 0.5  # paper
+    curriculum_rerank_every: int = 100  # not given (harness)
+    curriculum_in_search: bool = False  # not given (harness; Fig. 2 shows CL in the low-rank optimization)
+    loss: Literal["mse", "fro"] = "mse"  # Eq. 10 prints an unsquared Frobenius norm ("fro")
+    input_source: Literal["quant", "fp"] = "quant"  # harness: BRECQ convention (quantized-model inputs)
+    reparam: Literal["after", "before", "none"] = "after"  # paper: reparameterize after reconstruction
+    weight_observer: str = "percentile"  # RepQ-ViT/I&S-ViT quantizer code
+    act_observer: str = "percentile"
+    patch_embed_input_bits: Optional[int] = 8  # RepQ-ViT/I&S-ViT convention
+    init_size: int = 32  # images of the initial calibration pass (RepQ-ViT's 32)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0
+    state_dir: Optional[str] = None  # per-block checkpoints for resuming
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.candidate_ranks = tuple(int(r) for r in self.candidate_ranks)
+        self.arch_betas = tuple(float(b) for b in self.arch_betas)  # type: ignore[assignment]
+        if not (self.rank == "search" or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0)):
+            raise ConfigError(f"aiqvit rank must be 'search' or a positive integer, got {self.rank!r}")
+        choices = {
+            "placement": ("merged", "side"),
+            "rank_init": ("reinit", "warm"),
+            "dfq_init": ("max", "mse"),
+            "dfq_below": ("b1", "zero"),
+            "loss": ("mse", "fro"),
+            "input_source": ("quant", "fp"),
+            "reparam": ("after", "before", "none"),
+            "softmax_quantizer": SOFTMAX_QUANTIZERS,
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"aiqvit {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.placement == "side" and self.reparam == "after":
+            raise ConfigError("aiqvit placement=side cannot be combined with reparam=after (the FP branch would need reparameterizing)")
+        if not 0.0 < self.search_val_fraction < 1.0:
+            raise ConfigError(f"aiqvit search_val_fraction must be in (0, 1), got {self.search_val_fraction}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"aiqvit drop_path must be in [0, 1), got {self.drop_path}")
+        for key in ("iters", "search_iters"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"aiqvit {key} must be >= 0")
+        for key in ("batch_size", "init_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"aiqvit {key} must be >= 1")
+
+    def fingerprint(self, bits: BitWidth) -> dict[str, Any]:
+        """What determines a block's result (for resume checks): everything but bookkeeping options."""
+        skip = {"device", "state_dir", "progress"}
+        values = {k: v for k, v in asdict(self).items() if k not in skip}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()} | {"bits": [bits.w, bits.a]}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("aiqvit device=cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+@METHODS.register("aiqvit")
+class AIQViT(Method):
+    name = "aiqvit"
+
+    def __init__(self, bits: BitWidth, **options: Any) -> None:
+        super().__init__(bits)
+        try:
+            self.config = AIQViTConfig(**options)
+        except TypeError as err:
+            raise ConfigError(f"method 'aiqvit': {err}") from None
+        self.ranks: dict[str, int] = {}  # chosen rank per linear layer
+        self.block_errors: dict[str, tuple[float, float]] = {}  # block → (MSE before, MSE after)
+
+    # ---------------------------------------------------------------- quantizers
+    def make_quantizer(self, site: QuantSite) -> Optional[Quantizer]:
+        cfg = self.config
+        if site.is_weight:
+            return UniformQuantizer(self.bits.w, granularity="channel", channel_dim=0, observer=cfg.weight_observer)
+        if site.role == "post_softmax":
+            if cfg.softmax_quantizer == "dfq":
+                return DynamicFocusingQuantizer(self.bits.a, init=cfg.dfq_init, below=cfg.dfq_below)
+            if cfg.softmax_quantizer != "uniform":
+                return QUANTIZERS.get(cfg.softmax_quantizer)(self.bits.a)
+        bits = self.bits.a
+        if site.role == "patch_embed" and cfg.patch_embed_input_bits is not None:
+            bits = cfg.patch_embed_input_bits
+        per_channel = site.role == "post_layernorm" and cfg.reparam != "none"
+        return UniformQuantizer(
+            bits, granularity="channel" if per_channel else "tensor", channel_dim=-1, observer=cfg.act_observer
+        )
+
+    # ---------------------------------------------------------------- pipeline
+    def quantize(self, model: nn.Module, calib_images: torch.Tensor) -> nn.Module:
+        cfg = self.config
+        device = resolve_device(cfg.device)
+        home = next(model.parameters()).device
+        model.eval()
+        fp_model = copy.deepcopy(model).to(device).eval()
+        for p in fp_model.parameters():
+            p.requires_grad_(False)
+        prepare_(model, self.make_quantizer)
+        model.to(device)
+        images = calib_images.to(device)
+        init_images = images[: cfg.init_size]
+        with torch.no_grad(), calibrating(model):
+            model(init_images)
+        if cfg.reparam == "before":
+            self._reparameterize(model)
+        flags = {p: p.requires_grad for p in model.parameters()}
+        for p in flags:
+            p.requires_grad_(False)
+        try:
+            self._reconstruct(model, fp_model, images)
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        if cfg.reparam == "after":
+            self._reparameterize(model)
+        return model.to(home)
+
+    @staticmethod
+    def _reparameterize(model: nn.Module) -> None:
+        """RepQ-ViT scale reparameterization of the post-LayerNorm quantizers (channel-mean target), then refit the
+        weight quantizers of the edited Linears on their new weights (as ptq_bench/methods/repq_vit.py does)."""
+        with torch.no_grad(), calibrating(model):
+            for linear in reparameterize_layernorm_(model, mean_target):
+                linear.quantized_weight()
+
+    def _reconstruct(self, model: nn.Module, fp_model: nn.Module, images: torch.Tensor) -> None:
+        cfg = self.config
+        fp_blocks = dict(find_blocks(fp_model))
+        blocks = find_blocks(model)
+        store = None if cfg.state_dir is None else BlockStateStore(cfg.state_dir, self._fingerprint(images))
+        bar = tqdm(blocks, desc="AIQViT blocks", disable=not cfg.progress)
+        for index, (name, block) in enumerate(bar):
+            if store is not None and store.has(name):
+                self._restore_block(store, name, block)
+                continue
+            fp_in = capture_block_inputs(fp_model, fp_blocks[name], images, cfg.batch_size)
+            target = block_outputs(fp_blocks[name], fp_in, cfg.batch_size)
+            inputs = fp_in if cfg.input_source == "fp" else capture_block_inputs(model, block, images, cfg.batch_size)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+            everything = torch.arange(images.shape[0], device=images.device)
+            before = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
+            ranks = self._optimize_block(name, block, inputs, target, generator)
+            after = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
+            if cfg.lowrank and cfg.placement == "merged":
+                for _, layer in list(lowrank_layers(block)):
+                    fold_lowrank_(layer)
+            self.ranks.update(ranks)
+            self.block_errors[name] = (before, after)
+            log.info("AIQViT %s: block MSE %.4g -> %.4g, ranks %s", name, before, after, ranks)
+            if store is not None:
+                store.save(name, block, {"ranks": ranks, "errors": [before, after]})
+
+    def _fingerprint(self, images: torch.Tensor) -> dict[str, Any]:
+        data = images.detach().double()
+        return self.config.fingerprint(self.bits) | {
+            "calib_shape": list(images.shape),
+            "calib_sum": data.sum().item(),
+            "calib_sq_sum": data.pow(2).sum().item(),
+        }
+
+    def _restore_block(self, store: BlockStateStore, name: str, block: nn.Module) -> None:
+        meta = store.meta(name)
+        ranks: dict[str, int] = meta["ranks"]
+        if self.config.lowrank and self.config.placement == "side":  # the saved state includes the branches
+            for layer_name, layer in self._block_linears(name, block):
+                branch = LowRankBranch(layer.out_features, layer.in_features, [ranks[layer_name]])
+                attach_lowrank_(layer, branch.to(layer.weight.device), "side")
+                for p in layer.lowrank.parameters():
+                    p.requires_grad_(False)
+        store.load(name, block)
+        self.ranks.update(ranks)
+        self.block_errors[name] = tuple(meta["errors"])  # type: ignore[assignment]
+
+    @staticmethod
+    def _block_linears(block_name: str, block: nn.Module) -> list[tuple[str, QuantLinear]]:
+        prefix = f"{block_name}." if block_name else ""
+        return [(prefix + n, m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
+
+    # ---------------------------------------------------------------- one block
+    def _optimize_block(
+        self, name: str, block: nn.Module, inputs: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, int]:
+        """Rank search (if any), then the block reconstruction; returns the chosen rank per linear layer."""
+        cfg = self.config
+        ranks: dict[str, int] = {}
+        groups: list[dict[str, Any]] = []
+        if cfg.lowrank:
+            ranks = self._attach_branches(name, block, inputs, target, generator)
+            groups.append({"params": branch_parameters(block), "lr": cfg.lr_lowrank})
+        dfq = [m for m in block.modules() if isinstance(m, DynamicFocusingQuantizer)]
+        if dfq:
+            groups.append({"params": [p for q in dfq for p in (q.b1, q.b2)], "lr": cfg.lr_dfq})
+        act = [
+            m
+            for m in block.modules()
+            if cfg.learn_act_scales and isinstance(m, UniformQuantizer) and m.role != "weight" and m.granularity != "token"
+        ]
+        with learnable_scales(act) as scales:
+            if scales:
+                groups.append({"params": scales, "lr": cfg.lr_act})
+            if not groups or cfg.iters == 0:
+                return ranks
+            params = [p for g in groups for p in g["params"]]
+            for p in params:
+                p.requires_grad_(True)
+            pool = torch.arange(inputs.shape[0], device=inputs.device)
+            step = ReconStep(
+                torch.optim.Adam(groups),
+                pool,
+                Curriculum(cfg.curriculum_lambda0, cfg.curriculum_rerank_every) if cfg.curriculum else None,
+                after=lambda: clamp_scales_(scales),
+            )
+            reconstruct_block(
+                block, inputs, target, [step], cfg.iters, cfg.batch_size, generator, cfg.loss,
+                desc=f"reconstruct {name}", progress=cfg.progress,
+            )  # fmt: skip
+            for p in params:
+                p.requires_grad_(False)
+        return ranks
+
+    def _attach_branches(
+        self, name: str, block: nn.Module, inputs: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, int]:
+        """Give every linear layer of the block its branch: searched (Eq. 11-14) or of the fixed rank."""
+        cfg = self.config
+        linears = self._block_linears(name, block)
+        candidates = cfg.candidate_ranks if cfg.rank == "search" else (int(cfg.rank),)
+        for _, layer in linears:
+            ranks = usable_ranks(candidates, layer.out_features, layer.in_features)
+            branch = LowRankBranch(layer.out_features, layer.in_features, ranks, generator)
+            attach_lowrank_(layer, branch.to(layer.weight.device), cfg.placement)
+        if cfg.rank == "search" and cfg.search_iters > 0:
+            self._search(name, block, inputs, target, generator)
+        for _, layer in linears:
+            lowrank = layer.lowrank  # type: ignore[union-attr]
+            if lowrank.searching:
+                attach_lowrank_(layer, lowrank.select(cfg.rank_init == "warm", generator), cfg.placement)
+        return {layer_name: layer.lowrank.ranks[0] for layer_name, layer in linears}  # type: ignore[union-attr]
+
+    def _search(self, name: str, block: nn.Module, inputs: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> None:
+        """First-order DARTS: alternate a Θ step on D_train and an α step on D_val (Eq. 13-14)."""
+        cfg = self.config
+        theta, alpha = branch_parameters(block), architecture_parameters(block)
+        for p in theta + alpha:
+            p.requires_grad_(True)
+        n = inputs.shape[0]
+        order = torch.randperm(n, generator=generator).to(inputs.device)
+        n_val = min(max(1, round(cfg.search_val_fraction * n)), n - 1) if n > 1 else 0
+        val_pool, train_pool = (order[:n_val], order[n_val:]) if n_val else (order, order)
+        branches = [layer.lowrank for _, layer in lowrank_layers(block)]
+
+        def resample() -> None:
+            for branch in branches:
+                branch.resample_drop_path(cfg.drop_path, generator)
+
+        curriculum = Curriculum(cfg.curriculum_lambda0, cfg.curriculum_rerank_every) if cfg.curriculum and cfg.curriculum_in_search else None
+        steps = [
+            ReconStep(torch.optim.Adam(theta, lr=cfg.lr_lowrank), train_pool, curriculum, before=resample),
+            ReconStep(
+                torch.optim.Adam(alpha, lr=cfg.lr_arch, betas=cfg.arch_betas, weight_decay=cfg.arch_weight_decay),
+                val_pool,
+                curriculum,
+                before=resample,
+            ),
+        ]
+        reconstruct_block(
+            block, inputs, target, steps, cfg.search_iters, cfg.batch_size, generator, cfg.loss,
+            desc=f"rank search {name}", progress=cfg.progress,
+        )  # fmt: skip
+        for p in theta + alpha:
+            p.requires_grad_(False)

@@ -1,0 +1,263 @@
+"""Block-wise reconstruction: fit a quantized transformer block's learnable parameters to its FP counterpart.
+
+Generic over what is learned (low-rank branches, quantizer ranges, architecture weights): a caller captures the
+block's inputs and FP targets (:func:`capture_block_inputs`, :func:`block_outputs`), builds one
+:class:`ReconStep` per optimizer (each with its own pool of calibration samples), and calls
+:func:`reconstruct_block`. The loss is the BRECQ-style block output error (AIQViT Eq. 10: E_x ‖B_q(x) − B(x)‖).
+
+Curriculum learning (AIQViT Eq. 16-17): at iteration t only the λ(t)·|D| samples with the smallest current
+per-sample loss are used, λ(t) = min(1, λ0 + (1 − λ0)·t/T). The paper does not say how often the samples are
+re-ranked; here every ``rerank_every`` iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+import torch
+from timm.layers import Attention, Mlp
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq_bench.errors import ConfigError
+from ptq_bench.quant.base import Quantizer
+
+Loss = Literal["mse", "fro"]
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Transformer blocks in forward order: modules with an ``attn`` (timm Attention/WindowAttention) and an
+    ``mlp`` (timm Mlp); covers ViT/DeiT ``Block`` and Swin ``SwinTransformerBlock``."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "attn", None), (Attention, WindowAttention)) and isinstance(getattr(module, "mlp", None), Mlp)
+    ]
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the wanted input has been recorded."""
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The input of ``block`` for every image, running ``model`` only up to that block (no grad)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if len(args) != 1 or any(v is not None for v in kwargs.values()):
+            raise ConfigError("block-wise reconstruction supports blocks called with a single tensor argument")
+        captured.append(args[0].detach())
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                try:
+                    model(images[start : start + batch_size])
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def block_outputs(block: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``block`` applied to ``inputs`` in batches (no grad)."""
+    with torch.no_grad():
+        return torch.cat([block(inputs[s : s + batch_size]) for s in range(0, inputs.shape[0], batch_size)])
+
+
+def sample_losses(output: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """Per-sample error: mean squared error (``mse``) or Frobenius norm of the difference (``fro``, Eq. 10 as printed)."""
+    diff = (output - target).flatten(1)
+    if loss == "mse":
+        return diff.pow(2).mean(dim=1)
+    if loss == "fro":
+        return diff.norm(dim=1)
+    raise ConfigError(f"unknown reconstruction loss '{loss}' (mse, fro)")
+
+
+def evaluate_losses(
+    block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, batch_size: int, loss: Loss
+) -> torch.Tensor:
+    """Per-sample loss of ``block`` on ``inputs[indices]`` in eval mode (no grad)."""
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            chunks = [
+                sample_losses(block(inputs[idx]), targets[idx], loss)
+                for idx in indices.split(batch_size)
+            ]
+    finally:
+        block.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """λ(t) = min(1, λ0 + (1 − λ0)·t/T) (AIQViT Eq. 17); samples in use = ceil(λ(t)·|D|), easiest first."""
+
+    lambda0: float = 0.5
+    rerank_every: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.lambda0 <= 1.0:
+            raise ConfigError(f"curriculum lambda0 must be in (0, 1], got {self.lambda0}")
+        if self.rerank_every < 1:
+            raise ConfigError(f"curriculum rerank_every must be >= 1, got {self.rerank_every}")
+
+    def fraction(self, step: int, total: int) -> float:
+        return min(1.0, self.lambda0 + (1.0 - self.lambda0) * step / max(total, 1))
+
+    def count(self, step: int, total: int, pool_size: int) -> int:
+        return min(pool_size, max(1, math.ceil(self.fraction(step, total) * pool_size - 1e-9)))
+
+
+@dataclass
+class ReconStep:
+    """One optimizer update per iteration, on a batch drawn from ``pool`` (sample indices).
+
+    ``curriculum`` restricts the pool to its easiest samples (None: the whole pool); ``before`` runs before the
+    forward pass (e.g. to resample drop-path masks), ``after`` after the update (e.g. to project parameters).
+    """
+
+    optimizer: torch.optim.Optimizer
+    pool: torch.Tensor
+    curriculum: Optional[Curriculum] = None
+    before: Optional[Callable[[], None]] = None
+    after: Optional[Callable[[], None]] = None
+
+
+def _batches(active: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random batch of ``active`` (without replacement; the whole set when it is smaller than a batch)."""
+    if active.numel() <= batch_size:
+        return active
+    pick = torch.randperm(active.numel(), generator=generator)[:batch_size]
+    return active[pick.to(active.device)]
+
+
+def reconstruct_block(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    steps: Sequence[ReconStep],
+    iters: int,
+    batch_size: int,
+    generator: torch.Generator,
+    loss: Loss = "mse",
+    desc: str = "",
+    progress: bool = False,
+) -> list[float]:
+    """Run ``iters`` iterations of every step; returns the training loss of the first step at each iteration."""
+    order: list[Optional[torch.Tensor]] = [None] * len(steps)  # curriculum ranking per step, easiest first
+    history: list[float] = []
+    block.train()
+    bar: Iterator[int] = tqdm(range(iters), desc=desc, leave=False, disable=not progress)
+    try:
+        for t in bar:
+            for k, step in enumerate(steps):
+                active = step.pool
+                if step.curriculum is not None:
+                    if order[k] is None or t % step.curriculum.rerank_every == 0:
+                        losses = evaluate_losses(block, inputs, targets, step.pool, batch_size, loss)
+                        order[k] = step.pool[losses.argsort(stable=True).to(step.pool.device)]
+                    active = order[k][: step.curriculum.count(t, iters, step.pool.numel())]  # type: ignore[index]
+                idx = _batches(active, batch_size, generator)
+                if step.before is not None:
+                    step.before()
+                step.optimizer.zero_grad(set_to_none=True)
+                value = sample_losses(block(inputs[idx]), targets[idx], loss).mean()
+                value.backward()
+                step.optimizer.step()
+                if step.after is not None:
+                    step.after()
+                if k == 0:
+                    history.append(value.item())
+            if progress and history:
+                bar.set_postfix(loss=f"{history[-1]:.3g}")  # type: ignore[attr-defined]
+    finally:
+        block.eval()
+    return history
+
+
+#: Smallest value a learned scale is projected back to after each update.
+MIN_SCALE = 1e-8
+
+
+@contextmanager
+def learnable_scales(quantizers: Sequence[Quantizer]) -> Iterator[list[nn.Parameter]]:
+    """Within the context, each quantizer's ``scale`` buffer is an ``nn.Parameter`` (LSQ-style learning of
+    activation ranges by the reconstruction); on exit the learned values become buffers again."""
+    params: list[nn.Parameter] = []
+    for quantizer in quantizers:
+        param = nn.Parameter(quantizer._buffers.pop("scale").detach().clone())
+        quantizer.register_parameter("scale", param)
+        params.append(param)
+    try:
+        yield params
+    finally:
+        for quantizer, param in zip(quantizers, params):
+            del quantizer._parameters["scale"]
+            quantizer.register_buffer("scale", param.detach().clamp_min(MIN_SCALE))
+            quantizer.params_changed()
+
+
+def clamp_scales_(params: Sequence[nn.Parameter]) -> None:
+    """Keep learned scales positive (an Adam step can overshoot zero)."""
+    with torch.no_grad():
+        for param in params:
+            param.clamp_(min=MIN_SCALE)
+
+
+class BlockStateStore:
+    """Per-block checkpoints for resuming a block-wise reconstruction.
+
+    After a block is finished, ``save`` writes its ``state_dict`` and caller metadata atomically to
+    ``<dir>/<block name>.pt`` together with a fingerprint of the run (config, bits, calibration data);
+    ``load`` restores a finished block and refuses a file written by a different run.
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name or 'model'}.pt"
+
+    def has(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def save(self, name: str, block: nn.Module, meta: dict[str, Any]) -> None:
+        tmp = self.path(name).with_suffix(".tmp")
+        state = {k: v.detach().cpu() for k, v in block.state_dict().items()}
+        torch.save({"fingerprint": self.fingerprint, "meta": meta, "state": state}, tmp)
+        os.replace(tmp, self.path(name))
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The metadata of a saved block (checked against this run's fingerprint)."""
+        return self._read(name)["meta"]
+
+    def load(self, name: str, block: nn.Module) -> None:
+        """Load a saved block's state into ``block`` (which must already have the saved structure)."""
+        block.load_state_dict(self._read(name)["state"])
+        for module in block.modules():
+            if isinstance(module, Quantizer):
+                module.params_changed()
+
+    def _read(self, name: str) -> dict[str, Any]:
+        saved = torch.load(self.path(name), map_location="cpu", weights_only=True)
+        if saved["fingerprint"] != self.fingerprint:
+            raise ConfigError(
+                f"{self.path(name)} was written by a different run (config, bits or calibration data differ); "
+                "use another state_dir or delete it"
+            )
+        return saved
