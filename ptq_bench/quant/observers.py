@@ -45,15 +45,45 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     return (q - zero_point) * scale
 
 
-def rowwise_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:
-    """Quantile of each row of an already sorted 2-D tensor, linear interpolation (torch.quantile's default)."""
-    n = sorted_rows.shape[1]
-    pos = q * (n - 1)
+def _interpolated_quantile(order_stat: Callable[[int], torch.Tensor], n: int, q: float, dtype: torch.dtype) -> torch.Tensor:
+    """Linear-interpolation quantile from ``order_stat(i)`` (the i-th smallest value of each row).
+
+    Bit-identical to ``torch.quantile`` on float32 rows: torch first casts ``q`` to the input dtype (so 0.999
+    becomes float32(0.999)), then takes the rank ``q * (n - 1)`` in double and interpolates in the input dtype.
+    """
+    pos = torch.tensor(q, dtype=dtype).item() * (n - 1)
     lo = int(pos // 1)
     hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    below, above = sorted_rows[:, lo], sorted_rows[:, hi]
-    return torch.lerp(below, above, torch.full_like(below, frac))
+    below, above = order_stat(lo), order_stat(hi)
+    return torch.lerp(below, above, torch.full_like(below, pos - lo))
+
+
+def rowwise_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile of each row of an already sorted 2-D tensor, as ``torch.quantile(rows, q, dim=1)``."""
+    return _interpolated_quantile(lambda i: sorted_rows[:, i], sorted_rows.shape[1], q, sorted_rows.dtype)
+
+
+def rowwise_quantiles(rows: torch.Tensor, qs: Sequence[float]) -> list[torch.Tensor]:
+    """Quantiles of each row of an unsorted 2-D tensor, as ``torch.quantile(rows, q, dim=1)`` for q in ``qs``.
+
+    When every requested rank lies in a short tail (RepQ-ViT's 0.999+ percentiles), only the two tails are
+    selected with ``topk`` instead of sorting whole rows (about 5x faster on a few-million-element tensor).
+    """
+    n = rows.shape[1]
+    ranks = [torch.tensor(q, dtype=rows.dtype).item() * (n - 1) for q in qs]
+    indices = {i for r in ranks for i in (int(r // 1), min(int(r // 1) + 1, n - 1))}
+    k_low = max((i + 1 for i in indices if i < n // 2), default=0)
+    k_high = max((n - i for i in indices if i >= n // 2), default=0)
+    if 4 * (k_low + k_high) >= n:
+        sorted_rows = rows.sort(dim=1).values
+        return [rowwise_quantile(sorted_rows, q) for q in qs]
+    low = rows.topk(k_low, dim=1, largest=False).values if k_low else None  # ascending
+    high = rows.topk(k_high, dim=1, largest=True).values if k_high else None  # descending
+
+    def order_stat(i: int) -> torch.Tensor:
+        return low[:, i] if i < n // 2 else high[:, n - 1 - i]  # type: ignore[index]
+
+    return [_interpolated_quantile(order_stat, n, q, rows.dtype) for q in qs]
 
 
 def _row_errors(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, p: float) -> torch.Tensor:
@@ -91,8 +121,8 @@ def percentile_observer(
     This is RepQ-ViT's search (quantizer.py ``init_quantization_scale``): for pct in {0.999, 0.9999, 0.99999}
     the range is (quantile(1-pct), quantile(pct)) and the score is mean |x - Q(x)|^p with p = 2.
     """
-    sorted_rows = rows.sort(dim=1).values
-    candidates = [(rowwise_quantile(sorted_rows, 1.0 - pct), rowwise_quantile(sorted_rows, pct)) for pct in percentiles]
+    quantiles = rowwise_quantiles(rows, [q for pct in percentiles for q in (1.0 - pct, pct)])
+    candidates = list(zip(quantiles[0::2], quantiles[1::2]))
     errors = [_row_errors(rows, lo, hi, bits, symmetric, p) for lo, hi in candidates]
     return _select(candidates, errors)
 

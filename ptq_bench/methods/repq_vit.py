@@ -1,0 +1,66 @@
+"""RepQ-ViT (Li et al., ICCV 2023, arXiv 2212.08254): scale-reparameterized post-LayerNorm activations and a
+log√2 quantizer for the post-Softmax map, calibrated without reconstruction.
+
+Recipe (zkkli/RepQ-ViT classification/test_quant.py ``main``, quant/quant_model.py ``quant_model``):
+
+1. every Linear (head included) and the patch-embedding conv get a per-output-channel weight quantizer (w bits)
+   and a per-tensor input quantizer (a bits; 8 bits for the patch-embedding input); the inputs of qkv, fc1 and
+   Swin's patch-merging reduction (post-LayerNorm) are quantized per channel; in attention, Q, K and V get
+   per-tensor uniform quantizers and the post-Softmax map a log√2 quantizer. Every range comes from the
+   percentile search (observers.percentile_observer; the log quantizers' own search);
+2. one forward of the calibration batch with everything quantized: each quantizer fits itself on the first
+   tensor it sees (so later layers see quantized earlier ones);
+3. scale reparameterization of each post-LayerNorm quantizer to per tensor with the channel-mean target
+   (:func:`ptq_bench.transforms.reparameterize_layernorm_`);
+4. re-calibration: the official code runs the calibration batch once more, but only the weight quantizers of
+   the reparameterized Linears are un-initialised at that point, so that pass only refits those weight
+   quantizers on the new weights. We refit them directly, which gives the same parameters without the forward.
+
+Option ``softmax_quantizer`` (log_sqrt2 | log2 | uniform) swaps the post-Softmax quantizer for the paper's
+ablation (Sec. 5.3); ``uniform`` is the per-tensor percentile-searched uniform quantizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods.base import METHODS, BitWidth, Method
+from ptq_bench.models import QuantSite, calibrating, prepare_
+from ptq_bench.quant import QUANTIZERS, Quantizer, UniformQuantizer
+from ptq_bench.transforms import mean_target, reparameterize_layernorm_
+
+#: The patch-embedding input is always quantized at 8 bits (quant_modules.py, ``QuantConv2d``).
+PATCH_EMBED_INPUT_BITS = 8
+SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
+
+
+@METHODS.register("repq_vit")
+class RepQViT(Method):
+    name = "repq_vit"
+
+    def __init__(self, bits: BitWidth, softmax_quantizer: str = "log_sqrt2") -> None:
+        super().__init__(bits)
+        if softmax_quantizer not in SOFTMAX_QUANTIZERS:
+            raise ConfigError(f"softmax_quantizer must be one of {', '.join(SOFTMAX_QUANTIZERS)}, got {softmax_quantizer!r}")
+        self.softmax_quantizer = softmax_quantizer
+
+    def make_quantizer(self, site: QuantSite) -> Quantizer:
+        if site.is_weight:
+            return UniformQuantizer(self.bits.w, granularity="channel", channel_dim=0, observer="percentile")
+        if site.role == "post_layernorm":
+            return UniformQuantizer(self.bits.a, granularity="channel", channel_dim=-1, observer="percentile")
+        if site.role == "post_softmax" and self.softmax_quantizer != "uniform":
+            return QUANTIZERS.get(self.softmax_quantizer)(self.bits.a)
+        bits = PATCH_EMBED_INPUT_BITS if site.role == "patch_embed" else self.bits.a
+        return UniformQuantizer(bits, granularity="tensor", observer="percentile")
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, calib_images: torch.Tensor) -> nn.Module:
+        prepare_(model, self.make_quantizer)
+        with calibrating(model):
+            model(calib_images)
+            for linear in reparameterize_layernorm_(model, mean_target):
+                linear.quantized_weight()  # refits the reset weight quantizer on the reparameterized weight
+        return model
