@@ -1,0 +1,86 @@
+"""Datasets: ImageNet-style image folders and the MNIST test set shipped with the repository."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from ptq_bench.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_loader(mode: str) -> Callable[[str], Image.Image]:
+    """A PIL loader that converts to ``mode`` and turns an unreadable file into a one-line DataError."""
+
+    def load(path: str) -> Image.Image:
+        try:
+            with open(path, "rb") as handle:
+                image = Image.open(handle)
+                return image.convert(mode)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DataError(f"corrupt or unreadable image: {path} ({type(error).__name__})") from None
+
+    return load
+
+
+def image_folder(root: str | Path, split: str, transform: Callable, channels: int = 3) -> ImageFolder:
+    """``<root>/<split>/<class>/<image>``; raises DataError for a missing root/split or an empty split."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset root not found: {root}")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"split '{split}' not found: {split_dir} is not a directory")
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise DataError(f"image folders support 1 or 3 channels, got {channels}")
+    try:
+        return ImageFolder(str(split_dir), transform=transform, loader=image_loader(mode), extensions=IMAGE_EXTENSIONS)
+    except FileNotFoundError:
+        raise DataError(f"split '{split}' is empty: no class folders with images in {split_dir}") from None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format: magic, dims, big-endian uint8 payload)."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class MnistIdx(Dataset):
+    """The MNIST test set (10,000 images) split by index: ``train`` = the first ``train_count``, ``val`` = the rest.
+
+    Images are returned through ``transform`` as PIL images (mode "L"), like an image folder would.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Optional[Callable] = None, train_count: int = 8000) -> None:
+        root = Path(root).expanduser()
+        images_file, labels_file = root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"
+        for path in (images_file, labels_file):
+            if not path.is_file():
+                raise DataError(f"MNIST file not found: {path}")
+        images, labels = _read_idx(images_file), _read_idx(labels_file)
+        if split not in ("train", "val"):
+            raise DataError(f"unknown MNIST split '{split}' (train, val)")
+        part = slice(0, train_count) if split == "train" else slice(train_count, None)
+        self.images, self.labels = images[part], labels[part].astype(np.int64)
+        if len(self.images) == 0:
+            raise DataError(f"MNIST split '{split}' is empty (train_count={train_count})")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self.images[index], mode="L")
+        return (self.transform(image) if self.transform else image), int(self.labels[index])

@@ -1,0 +1,39 @@
+"""Aggregate run records into paper-style tables.
+
+    python -m ptq_bench.report [--runs results/runs] [--out results/tables] [--name table] [--model deit_tiny ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ptq_bench.results.report import paper_table, records_frame, write_report
+from ptq_bench.results.store import RecordStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Turn run records into Markdown/LaTeX/CSV tables and a plot.")
+    parser.add_argument("--runs", type=Path, default=REPO / "results" / "runs", help="directory of run records")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "tables", help="where to write the tables")
+    parser.add_argument("--name", default="table", help="file name stem of the outputs")
+    parser.add_argument("--model", nargs="*", help="keep only these models (harness names, e.g. deit_tiny)")
+    parser.add_argument("--method", nargs="*", help="keep only these methods (e.g. fp minmax repq_vit)")
+    args = parser.parse_args(argv)
+    records = [
+        r for r in RecordStore(args.runs)
+        if (not args.model or r["model"]["name"] in args.model) and (not args.method or r["method"]["name"] in args.method)
+    ]
+    if not records:
+        parser.exit(1, f"error: no run records in {args.runs}\n")
+    frame = records_frame(records)
+    paths = write_report(frame, args.out, args.name)
+    print(paper_table(frame).to_markdown())
+    print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

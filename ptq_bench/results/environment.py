@@ -1,0 +1,56 @@
+"""What a record needs to be trusted: library versions, code commit, device and peak memory."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "pandas", "ptq-bench")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_state(repo: Path) -> dict[str, Any]:
+    """Commit hash and whether the work tree has uncommitted changes (None outside a git checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def environment(repo: Path, device: torch.device) -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "git": git_state(repo),
+    }
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """Peak resident memory of this process (MiB) and peak CUDA memory when on a GPU."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mib": rss_kib / 1024, "peak_cuda_mib": cuda}

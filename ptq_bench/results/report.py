@@ -1,0 +1,110 @@
+"""The aggregator: run records → a paper-style table (rows: method × bits, columns: models), with the
+published number beside each reproduced one, written as Markdown, LaTeX and CSV, plus a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from ptq_bench.results.published import load_published, published_value
+
+
+def method_label(record: Mapping[str, Any]) -> str:
+    """The method name, with its command-line option overrides for ablation variants."""
+    name = str(record["method"]["name"])
+    overrides = [o.split("=", 1) for o in record.get("method_overrides", [])]
+    extras = [f"{k.removeprefix('method.')}={v}" for k, v in overrides if k not in ("method.name", "method.calib_size")]
+    return f"{name} [{', '.join(extras)}]" if extras else name
+
+
+def records_frame(records: Iterable[Mapping[str, Any]], published: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Long format: one row per record with reproduced top-1, published top-1 and the delta."""
+    published = load_published() if published is None else published
+    rows = []
+    for record in records:
+        if record.get("task") != "classification":
+            continue
+        bits = record.get("bits")
+        wbits, abits = (bits["w"], bits["a"]) if bits else (None, None)
+        model = str(record["model"].get("display") or record["model"]["name"])
+        value, source = published_value(published, str(record["method"]["name"]), model, wbits, abits)
+        top1 = float(record["metrics"]["top1"])
+        rows.append({
+            "method": method_label(record),
+            "bits": f"W{wbits}A{abits}" if bits else "32/32",
+            "wbits": wbits or 32,
+            "model": model,
+            "top1": top1,
+            "published": value,
+            "delta": None if value is None else top1 - value,
+            "source": source,
+            "calibration_s": record["timings"].get("calibration_s"),
+            "eval_s": record["timings"].get("eval_s"),
+            "run_key": record["run_key"],
+            "created": record.get("created", ""),
+        })
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    # the newest record wins when the same cell was run twice with different run keys (e.g. new code)
+    frame = frame.sort_values("created").drop_duplicates(["method", "bits", "model"], keep="last")
+    return frame.sort_values(["wbits", "bits", "method", "model"], ascending=[False, True, True, True]).reset_index(drop=True)
+
+
+def _cell(row: pd.Series) -> str:
+    if pd.isna(row["published"]):
+        return f"{row['top1']:.2f}"
+    return f"{row['top1']:.2f} ({row['published']:.2f}, {row['delta']:+.2f})"
+
+
+def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Wide table: index (Method, W/A), one column per model; cells 'reproduced (published, Δ)'."""
+    if frame.empty:
+        return pd.DataFrame()
+    cells = frame.assign(cell=frame.apply(_cell, axis=1))
+    table = cells.pivot_table(index=["method", "bits"], columns="model", values="cell", aggfunc="first", sort=False)
+    table.columns.name = None
+    table.index.names = ["Method", "W/A"]
+    return table.fillna("–")
+
+
+def write_report(frame: pd.DataFrame, out_dir: Path, name: str = "table") -> dict[str, Path]:
+    """Write ``name``.md/.tex/.csv (and .png when matplotlib can plot) under ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = paper_table(frame)
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "tex", "csv")}
+    note = "Top-1 (%) reproduced; in parentheses the published value and the difference, where published.\n\n"
+    paths["md"].write_text(note + table.to_markdown() + "\n")
+    paths["tex"].write_text(table.to_latex(escape=True, caption="Top-1 accuracy (\\%): reproduced (published, $\\Delta$).") )
+    frame.to_csv(paths["csv"], index=False)
+    plot = plot_accuracy(frame, out_dir / f"{name}.png")
+    if plot:
+        paths["png"] = plot
+    return paths
+
+
+def plot_accuracy(frame: pd.DataFrame, path: Path) -> Path | None:
+    """Top-1 per bit-width, one line per (method, model)."""
+    quantized = frame[frame["bits"] != "32/32"]
+    if quantized.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, model), group in quantized.groupby(["method", "model"]):
+        group = group.sort_values("wbits")
+        ax.plot(group["bits"], group["top1"], marker="o", label=f"{method} · {model}")
+    for model, group in frame[frame["bits"] == "32/32"].groupby("model"):
+        ax.axhline(group["top1"].iloc[0], linestyle="--", linewidth=0.8, color="gray")
+    ax.set_xlabel("bit-width")
+    ax.set_ylabel("top-1 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
