@@ -78,9 +78,11 @@ def load_bundle(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, meta
 
 
-def build_fp_model(arrays: dict[str, np.ndarray], model_name: str, depth: Optional[int]) -> nn.Module:
+def build_fp_model(
+    arrays: dict[str, np.ndarray], model_name: str, depth: Optional[int], model_kwargs: Optional[dict[str, Any]] = None
+) -> nn.Module:
     """timm model with the oracle's FP weights (``fp_weight/*``); ``depth`` keeps the first blocks, as the oracle."""
-    model = timm.create_model(model_name, pretrained=False)
+    model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
     if depth:
         model.blocks = model.blocks[:depth]
     state = {k[len("fp_weight/"):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("fp_weight/")}
@@ -128,15 +130,37 @@ def summarize(diffs: Sequence[ParamDiff]) -> dict[str, tuple[float, float]]:
     return out
 
 
+def write_fixture(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """A small pin fixture: the oracle's quantizer parameters and logits plus how to rebuild its run."""
+    keep = {k: v for k, v in arrays.items() if k.startswith("qparam/") or k in ("logits/fp", "logits/q")}
+    args = meta.get("args", {})
+    info = {
+        "source": f"{meta.get('peer_repo', '?')} @ {meta.get('peer_commit', '?')}, via shared/oracles",
+        "seed": args.get("seed"),
+        "calib_size": args.get("calib_size"),
+        "eval_size": args.get("eval_size"),
+        "w_bits": args.get("w_bits"),
+        "a_bits": args.get("a_bits"),
+        "n_qparams": sum(k.startswith("qparam/") for k in keep),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, meta=np.array(json.dumps(info)), **keep)
+
+
 def compare(
-    oracle: Path, method: str, options: dict[str, Any], model_name: Optional[str] = None, verbose: bool = False
+    oracle: Path,
+    method: str,
+    options: dict[str, Any],
+    model_name: Optional[str] = None,
+    verbose: bool = False,
+    model_kwargs: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Run the full comparison, print it, and return the figures."""
     arrays, meta = load_bundle(oracle)
     args = meta.get("args", {})
     model_name = model_name or args.get("model", "deit_tiny_patch16_224")
     bits = BitWidth(int(args.get("w_bits", 4)), int(args.get("a_bits", 4)))
-    model = build_fp_model(arrays, model_name, args.get("depth"))
+    model = build_fp_model(arrays, model_name, args.get("depth"), model_kwargs)
     calib, evalx = torch.from_numpy(arrays["inputs/calib"]), torch.from_numpy(arrays["inputs/eval"])
     print(f"oracle {oracle.name}: {model_name}, {bits.label}, {len(calib)} calibration / {len(evalx)} eval images")
 
@@ -192,12 +216,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--oracle", type=Path, required=True, help="oracle .npz (its .json sidecar is read too)")
     parser.add_argument("--method", required=True, help="registered method name, e.g. repq_vit")
     parser.add_argument("--model", help="timm model name (default: the oracle's)")
+    parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON kwargs for timm.create_model")
+    parser.add_argument("--write-fixture", type=Path, help="also save the oracle's qparams/logits as a pin fixture")
     parser.add_argument("--option", action="append", default=[], help="method option key=value (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-v", "--verbose", action="store_true", help="print every quantizer")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = compare(args.oracle, args.method, _parse_options(args.option), args.model, args.verbose)
+    result = compare(args.oracle, args.method, _parse_options(args.option), args.model, args.verbose, args.model_kwargs)
+    if args.write_fixture:
+        write_fixture(args.write_fixture, *load_bundle(args.oracle))
+        print(f"fixture written to {args.write_fixture}")
     print(f"max rel diff: scales {result['max_rel_scale']:.3e}, zero points {result['max_rel_zero_point']:.3e}")
 
 
