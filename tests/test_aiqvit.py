@@ -177,7 +177,7 @@ def test_curriculum_fraction_grows_linearly_from_lambda0():
 
 
 class _Recorder(nn.Module):
-    """y = w·x; records which samples (x holds the sample index) each training batch used."""
+    """y = w·x; records which samples (x holds the sample index) each training batch (grad enabled) used."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -185,7 +185,7 @@ class _Recorder(nn.Module):
         self.seen: list[set[int]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if torch.is_grad_enabled():
             self.seen.append({int(v) for v in x[:, 0]})
         return self.w * x
 

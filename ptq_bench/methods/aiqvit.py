@@ -185,7 +185,7 @@ class AIQViT(Method):
         device = resolve_device(cfg.device)
         home = next(model.parameters()).device
         model.eval()
-        fp_model = copy.deepcopy(model).to(device).eval()
+        fp_model = copy.deepcopy(model).to(device).eval()  # model.eval(): no dropout / stochastic depth anywhere
         for p in fp_model.parameters():
             p.requires_grad_(False)
         prepare_(model, self.make_quantizer)
@@ -356,9 +356,14 @@ class AIQViT(Method):
                 before=resample,
             ),
         ]
+        for branch in branches:
+            branch.train()  # drop-path on; the rest of the block stays in eval mode
         reconstruct_block(
             block, inputs, target, steps, cfg.search_iters, cfg.batch_size, generator, cfg.loss,
             desc=f"rank search {name}", progress=cfg.progress,
         )  # fmt: skip
+        for branch in branches:
+            branch.eval()
+            branch.drop_mask = None
         for p in theta + alpha:
             p.requires_grad_(False)

@@ -84,20 +84,24 @@ def sample_losses(output: torch.Tensor, target: torch.Tensor, loss: Loss) -> tor
     raise ConfigError(f"unknown reconstruction loss '{loss}' (mse, fro)")
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode; each one's own training flag is restored on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def evaluate_losses(
     block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, batch_size: int, loss: Loss
 ) -> torch.Tensor:
     """Per-sample loss of ``block`` on ``inputs[indices]`` in eval mode (no grad)."""
-    was_training = block.training
-    block.eval()
-    try:
-        with torch.no_grad():
-            chunks = [
-                sample_losses(block(inputs[idx]), targets[idx], loss)
-                for idx in indices.split(batch_size)
-            ]
-    finally:
-        block.train(was_training)
+    with eval_mode(block), torch.no_grad():
+        chunks = [sample_losses(block(inputs[idx]), targets[idx], loss) for idx in indices.split(batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -156,35 +160,35 @@ def reconstruct_block(
     desc: str = "",
     progress: bool = False,
 ) -> list[float]:
-    """Run ``iters`` iterations of every step; returns the training loss of the first step at each iteration."""
+    """Run ``iters`` iterations of every step; returns the training loss of the first step at each iteration.
+
+    Train/eval modes are the caller's: only modules meant to be stochastic (e.g. drop-path) should train, so that
+    dropout or stochastic depth inside a pretrained block stays off.
+    """
     order: list[Optional[torch.Tensor]] = [None] * len(steps)  # curriculum ranking per step, easiest first
     history: list[float] = []
-    block.train()
     bar: Iterator[int] = tqdm(range(iters), desc=desc, leave=False, disable=not progress)
-    try:
-        for t in bar:
-            for k, step in enumerate(steps):
-                active = step.pool
-                if step.curriculum is not None:
-                    if order[k] is None or t % step.curriculum.rerank_every == 0:
-                        losses = evaluate_losses(block, inputs, targets, step.pool, batch_size, loss)
-                        order[k] = step.pool[losses.argsort(stable=True).to(step.pool.device)]
-                    active = order[k][: step.curriculum.count(t, iters, step.pool.numel())]  # type: ignore[index]
-                idx = _batches(active, batch_size, generator)
-                if step.before is not None:
-                    step.before()
-                step.optimizer.zero_grad(set_to_none=True)
-                value = sample_losses(block(inputs[idx]), targets[idx], loss).mean()
-                value.backward()
-                step.optimizer.step()
-                if step.after is not None:
-                    step.after()
-                if k == 0:
-                    history.append(value.item())
-            if progress and history:
-                bar.set_postfix(loss=f"{history[-1]:.3g}")  # type: ignore[attr-defined]
-    finally:
-        block.eval()
+    for t in bar:
+        for k, step in enumerate(steps):
+            active = step.pool
+            if step.curriculum is not None:
+                if order[k] is None or t % step.curriculum.rerank_every == 0:
+                    losses = evaluate_losses(block, inputs, targets, step.pool, batch_size, loss)
+                    order[k] = step.pool[losses.argsort(stable=True).to(step.pool.device)]
+                active = order[k][: step.curriculum.count(t, iters, step.pool.numel())]  # type: ignore[index]
+            idx = _batches(active, batch_size, generator)
+            if step.before is not None:
+                step.before()
+            step.optimizer.zero_grad(set_to_none=True)
+            value = sample_losses(block(inputs[idx]), targets[idx], loss).mean()
+            value.backward()
+            step.optimizer.step()
+            if step.after is not None:
+                step.after()
+            if k == 0:
+                history.append(value.item())
+        if progress and history:
+            bar.set_postfix(loss=f"{history[-1]:.3g}")  # type: ignore[attr-defined]
     return history
 
 
