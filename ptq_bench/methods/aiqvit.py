@@ -244,7 +244,7 @@ class AIQViT(Method):
                 store.save(name, block, {"ranks": ranks, "errors": [before, after]})
 
     def _fingerprint(self, images: torch.Tensor) -> dict[str, Any]:
-        data = images.detach().double()
+        data = images.detach().double().cpu()  # device-independent
         return self.config.fingerprint(self.bits) | {
             "calib_shape": list(images.shape),
             "calib_sum": data.sum().item(),
