@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -276,3 +277,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError):  # a different run must not reuse these states
         run({**options, "iters": 13}, depth=2)
+
+
+def test_hydra_config_builds_the_method():
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/method/aiqvit.yaml")
+    method = build_method(cfg, BitWidth(4, 4))
+    assert method.config.candidate_ranks == (10, 20, 50, 100, 150)
+    assert method.config.rank == "search" and method.config.reparam == "after"

@@ -31,7 +31,6 @@ from ptq_bench.quant.dfq import DynamicFocusingQuantizer
 from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.transforms.lowrank import (
     LowRankBranch,
-    LowRankQuantLinear,
     architecture_parameters,
     attach_lowrank_,
     branch_parameters,
