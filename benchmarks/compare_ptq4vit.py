@@ -102,7 +102,9 @@ def main() -> None:
         fp = model(evalx)
     print(f"FP logits vs oracle logits/fp: {logits_agreement(fp, torch.from_numpy(oracle['logits/fp']))}")
 
-    method = METHOD_OF_CONFIG[run.get("config", "PTQ4ViT")](BitWidth(run["w_bits"], run["a_bits"]))
+    metric = next(iter(meta["quantizers"].values()))["metric"]  # example/test_all.py sets it for both configs
+    method = METHOD_OF_CONFIG[run.get("config", "PTQ4ViT")](BitWidth(run["w_bits"], run["a_bits"]), metric=metric)
+    print(f"method {method.name}, metric {metric}, W{run['w_bits']}A{run['a_bits']}, depth {run.get('depth')}")
     start, cpu_start = time.perf_counter(), time.process_time()
     method.quantize(model, calib)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -115,9 +115,10 @@ def record_layers(
                 with torch.no_grad():
                     model(batch)
                 continue
-            logits = model(batch)
-            loss = F.kl_div(F.log_softmax(logits, dim=-1), targets[start : start + batch_size], reduction="batchmean")
-            loss.backward()
+            with torch.enable_grad():  # callers may quantize under no_grad
+                logits = model(batch)
+                loss = F.kl_div(F.log_softmax(logits, dim=-1), targets[start : start + batch_size], reduction="batchmean")
+                loss.backward()
     finally:
         for h in handles:
             h.remove()

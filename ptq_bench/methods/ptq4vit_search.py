@@ -62,12 +62,16 @@ def init_interval(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def similarity(raw: torch.Tensor, sim: torch.Tensor, grad: Optional[torch.Tensor], metric: str, dim: Optional[int]) -> torch.Tensor:
     """The official ``_get_similarity``. Hessian: -(g·(O-Ô))², averaged over ``dim`` (not reduced when None).
-    Cosine: cosine similarity along ``dim``."""
+    Cosine: cosine similarity along ``dim``.
+
+    ``sim`` is a scratch tensor of the full (broadcast) shape and is overwritten: the Hessian terms are built
+    in place as (g·(Ô-O))², which is bit-identical to the official (g·(O-Ô))² and the negation after the mean.
+    """
     if metric == "cosine":
         return F.cosine_similarity(raw, sim, dim=-1 if dim is None else dim)
     assert grad is not None, "the hessian metric needs recorded gradients"
-    value = -((grad * (raw - sim)) ** 2)
-    return value if dim is None else value.mean(dim=dim)
+    value = sim.sub_(raw).mul_(grad).square_()
+    return value.neg_() if dim is None else value.mean(dim=dim).neg_()
 
 
 def grid_scores(n_candidates: int, n_samples: int, numel_per_pair: int, chunk_numel: int, score: ScoreFn) -> torch.Tensor:
