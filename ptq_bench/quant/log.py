@@ -61,13 +61,17 @@ class _LogQuantizer(Quantizer):
 
     def exponent(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Unclamped integer exponent round(-steps·log2(x/δ)); +inf for x = 0."""
-        return torch.round(-(x / scale).log2() * self.steps_per_octave)
+        return (x / scale).log2_().mul_(-self.steps_per_octave).round_()
 
     def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        exponent = self.exponent(x, scale)
-        q = exponent.clamp(0, self.levels - 1)
-        value = self._level_value(q) * scale
-        return torch.where(exponent >= self.levels, torch.zeros_like(value), value)
+        # exponents ≥ 2^b (zeros included) index the extra 0 at the end of the level table
+        index = self.exponent(x, scale).clamp_(0, self.levels).to(torch.int64)
+        return self._levels_with_zero(x.dtype, x.device)[index].mul_(scale)
+
+    def _levels_with_zero(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[level(0), ..., level(2^b - 1), 0]: the δ = 1 grid, computed elementwise like the official code."""
+        q = torch.arange(self.levels, dtype=dtype, device=device)
+        return torch.cat([self._level_value(q), q.new_zeros(1)])
 
     @abstractmethod
     def _level_value(self, q: torch.Tensor) -> torch.Tensor:

@@ -88,9 +88,12 @@ def rowwise_quantiles(rows: torch.Tensor, qs: Sequence[float]) -> list[torch.Ten
 
 def _row_errors(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, p: float) -> torch.Tensor:
     scale, zp = affine_params(low, high, bits, symmetric)
+    scale, zp = scale[:, None], zp[:, None]
     qmin, qmax = grid_bounds(bits, symmetric)
-    xq = fake_quant(rows, scale[:, None], zp[:, None], qmin, qmax)
-    return (rows - xq).abs().pow(p).mean(dim=1)
+    # fake_quant(rows, ...) - rows, in place on one buffer (same values, a third of the memory traffic)
+    err = rows / scale
+    err.round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale).sub_(rows)
+    return (err.square_() if p == 2 else err.abs_().pow_(p)).mean(dim=1)
 
 
 def _select(candidates: Sequence[tuple[torch.Tensor, torch.Tensor]], errors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
