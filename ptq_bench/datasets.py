@@ -14,7 +14,6 @@ from torchvision.datasets import ImageFolder
 
 from ptq_bench.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def image_loader(mode: str) -> Callable[[str], Image.Image]:
@@ -43,7 +42,7 @@ def image_folder(root: str | Path, split: str, transform: Callable, channels: in
     if mode is None:
         raise DataError(f"image folders support 1 or 3 channels, got {channels}")
     try:
-        return ImageFolder(str(split_dir), transform=transform, loader=image_loader(mode), extensions=IMAGE_EXTENSIONS)
+        return ImageFolder(str(split_dir), transform=transform, loader=image_loader(mode))
     except FileNotFoundError:
         raise DataError(f"split '{split}' is empty: no class folders with images in {split_dir}") from None
 
