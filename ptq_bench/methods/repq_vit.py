@@ -16,6 +16,13 @@ Recipe (zkkli/RepQ-ViT classification/test_quant.py ``main``, quant/quant_model.
    the reparameterized Linears are un-initialised at that point, so that pass only refits those weight
    quantizers on the new weights. We refit them directly, which gives the same parameters without the forward.
 
+Official-code details kept: z̃ is the unrounded mean of the channel zero points; the head and the patch-embedding
+weights are quantized; quantiles are ``torch.quantile``'s (q cast to float32 first, see observers.py). Not
+reproduced: the official ``np.percentile`` fallback, taken when ``torch.quantile`` raises on tensors above 2^24
+elements (old torch; Swin stage-1 activations with 32 images). torch 2.14, which the oracles run, no longer
+raises, so the fallback is dead code there. Checked against the official code with ``python -m
+ptq_bench.compare``: every quantizer parameter and the quantized logits of deit_tiny W4A4/W6A6 are bit-identical.
+
 Option ``softmax_quantizer`` (log_sqrt2 | log2 | uniform) swaps the post-Softmax quantizer for the paper's
 ablation (Sec. 5.3); ``uniform`` is the per-tensor percentile-searched uniform quantizer.
 """
