@@ -165,7 +165,7 @@ def search_linear(layer: QuantLinear, record: Recording, settings: SearchSetting
         w_interval, a_interval = new_w, new_a
         if done:
             break
-    _install_weight(layer.weight_quantizer, w_interval.repeat_interleave(rows).view(-1, 1))
+    _install_uniform(layer.weight_quantizer, w_interval.repeat_interleave(rows).view(-1, 1))  # one scale per row
     if twin:
         layer.input_quantizer.set_interval(a_interval)
     else:
@@ -265,16 +265,12 @@ def search_conv(layer: QuantConv2d, record: Recording, settings: SearchSettings,
     init = weight.abs().amax(dim=(1, 2, 3)) if channelwise else weight.abs().max().reshape(1)
     cands = settings.factors().view(-1, 1) * init_interval(init, bits).unsqueeze(0)
     w_interval = best(cands, grid_scores(cands.shape[0], x.shape[0], raw[0].numel(), settings.chunk_numel, score))
-    _install_weight(layer.weight_quantizer, w_interval.expand(out_channels).reshape(-1, 1, 1, 1))
+    _install_uniform(layer.weight_quantizer, w_interval.expand(out_channels).reshape(-1, 1, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------- install
 
 
 def _install_uniform(quantizer: UniformQuantizer, scale: torch.Tensor) -> None:
+    """Install searched intervals on a symmetric uniform quantizer (zero point 0: PTQ4ViT's signed grid)."""
     quantizer.set_params(scale, torch.zeros_like(scale))
-
-
-def _install_weight(quantizer: UniformQuantizer, scale: torch.Tensor) -> None:
-    """Per-output-channel scales (rows repeated within a group); zero point 0 on the signed grid."""
-    _install_uniform(quantizer, scale)
