@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from ptq_bench.results.report import paper_table, records_frame, write_report
+        from ptq_bench.results.report import markdown, paper_table, records_frame, write_report
         from ptq_bench.results.store import RecordStore
 
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -24,5 +24,5 @@ class SweepReport(Callback):
         if frame.empty:
             return
         paths = write_report(frame, sweep_dir, "report")
-        print("\n" + paper_table(frame).to_markdown())
+        print("\n" + markdown(paper_table(frame)))
         print(f"\ntables: {', '.join(str(p) for p in paths.values())}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ptq_bench.results.report import paper_table, records_frame, write_report
+from ptq_bench.results.report import markdown, paper_table, records_frame, write_report
 from ptq_bench.results.store import RecordStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"error: no run records in {args.runs}\n")
     frame = records_frame(records)
     paths = write_report(frame, args.out, args.name)
-    print(paper_table(frame).to_markdown())
+    print(markdown(paper_table(frame)))
     print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

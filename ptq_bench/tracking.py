@@ -26,6 +26,7 @@ def log_to_wandb(logger_cfg: Mapping[str, Any], record: Mapping[str, Any], label
         group=str(record["model"]["name"]),
         config=dict(record.get("config", {})),
         tags=[str(record["method"]["name"])],
+        settings=wandb.Settings(silent=True),
     )
     metrics = {f"metrics/{k}": v for k, v in record["metrics"].items()}
     timings = {f"timings/{k}": v for k, v in record["timings"].items()}

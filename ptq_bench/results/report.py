@@ -70,13 +70,18 @@ def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.fillna("–")
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """The wide table as a Markdown pipe table with Method and W/A as ordinary columns."""
+    return table.reset_index().to_markdown(index=False) if not table.empty else "(no runs)"
+
+
 def write_report(frame: pd.DataFrame, out_dir: Path, name: str = "table") -> dict[str, Path]:
     """Write ``name``.md/.tex/.csv (and .png when matplotlib can plot) under ``out_dir``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = paper_table(frame)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "tex", "csv")}
     note = "Top-1 (%) reproduced; in parentheses the published value and the difference, where published.\n\n"
-    paths["md"].write_text(note + table.to_markdown() + "\n")
+    paths["md"].write_text(note + markdown(table) + "\n")
     paths["tex"].write_text(table.to_latex(escape=True, caption="Top-1 accuracy (\\%): reproduced (published, $\\Delta$).") )
     frame.to_csv(paths["csv"], index=False)
     plot = plot_accuracy(frame, out_dir / f"{name}.png")
