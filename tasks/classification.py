@@ -6,6 +6,7 @@ the evaluation transform is timm's pretrained config of the model unless the dat
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -71,19 +72,30 @@ def eval_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, label: str, progress: bool) -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent over ``loader``."""
-    correct1 = correct5 = total = 0
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, label: str, progress: bool, fp_model: nn.Module | None = None
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent over ``loader``; with ``fp_model`` also the label-free fidelity to it:
+    top-1 agreement (% of images with the same prediction) and the mean cosine similarity of the logits."""
+    correct1 = correct5 = total = agree = 0
+    cosine = 0.0
     for images, labels in tqdm(loader, desc=f"eval {label}", unit="batch", disable=not progress):
-        logits = model(images.to(device))
-        labels = labels.to(device)
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == labels).sum().item()
         correct5 += (top == labels[:, None]).any(dim=1).sum().item()
         total += len(labels)
+        if fp_model is not None:
+            reference = fp_model(images)
+            agree += (reference.argmax(1) == top[:, 0]).sum().item()
+            cosine += torch.nn.functional.cosine_similarity(logits, reference, dim=1).sum().item()
     if total == 0:
         raise DataError("evaluation split is empty")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_images": total}
+    metrics = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_images": total}
+    if fp_model is not None:
+        metrics.update(fp_top1_agreement=100.0 * agree / total, logit_cosine=cosine / total)
+    return metrics
 
 
 def identity(cfg: DictConfig, method: Method, bits: BitWidth, weights_sha256: str) -> dict[str, Any]:
@@ -95,6 +107,7 @@ def identity(cfg: DictConfig, method: Method, bits: BitWidth, weights_sha256: st
     model.pop("display", None)
     return {
         "task": "classification",
+        "compare_fp": bool(cfg.task.get("compare_fp")),
         "model": model,
         "weights_sha256": weights_sha256,
         "data": data,
@@ -122,6 +135,7 @@ def run(cfg: DictConfig, store: Any, label: str) -> dict[str, Any]:
     start = time.perf_counter()
     calibration: dict[str, Any] = {"num_images": 0}
     model.to(device)
+    fp_model = copy.deepcopy(model) if cfg.task.get("compare_fp") and method.uses_calibration else None
     if method.uses_calibration:
         train = make_dataset(cfg.data, cfg.data.train_split, transform)
         images, indices = draw_calibration(train, int(cfg.method.calib_size), int(cfg.seed))
@@ -137,7 +151,7 @@ def run(cfg: DictConfig, store: Any, label: str) -> dict[str, Any]:
 
     loader = DataLoader(val, batch_size=int(cfg.task.batch_size), num_workers=int(cfg.data.workers))
     eval_start = time.perf_counter()
-    metrics = evaluate(model, loader, device, label, bool(cfg.task.progress))
+    metrics = evaluate(model, loader, device, label, bool(cfg.task.progress), fp_model)
     eval_seconds = time.perf_counter() - eval_start
     return {
         "run_key": key,

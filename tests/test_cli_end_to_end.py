@@ -23,7 +23,7 @@ def records(directory: Path) -> list[dict]:
 def test_folder_run_writes_a_record_resumes_and_reports(tmp_path, image_folder_root):
     runs = tmp_path / "runs"
     args = ["model=deit_tiny", "data=imagenet", f"data.root={image_folder_root}", "method=minmax", "bits=w4a4",
-            "method.calib_size=2", f"results_dir={runs}", f"hydra.run.dir={tmp_path / 'out'}", *QUIET]
+            "method.calib_size=2", "task.compare_fp=true", f"results_dir={runs}", f"hydra.run.dir={tmp_path / 'out'}", *QUIET]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     (record,) = records(runs)
@@ -33,6 +33,7 @@ def test_folder_run_writes_a_record_resumes_and_reports(tmp_path, image_folder_r
     assert record["env"]["packages"]["torch"] and "commit" in record["env"]["git"]
     assert record["config"]["method"]["name"] == "minmax" and record["timings"]["eval_s"] > 0
     assert record["model"]["transform"]["crop_pct"] == 0.9  # timm's pretrained config for this model
+    assert 0 <= record["metrics"]["fp_top1_agreement"] <= 100 and -1 <= record["metrics"]["logit_cosine"] <= 1
     before = (runs / f"{record['run_key']}.json").stat().st_mtime_ns
 
     second = run_cli(*args)

@@ -19,18 +19,27 @@ def method_label(record: Mapping[str, Any]) -> str:
     return f"{name} [{', '.join(extras)}]" if extras else name
 
 
-def records_frame(records: Iterable[Mapping[str, Any]], published: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Long format: one row per record with reproduced top-1, published top-1 and the delta."""
+def records_frame(
+    records: Iterable[Mapping[str, Any]], published: pd.DataFrame | None = None, metric: str = "top1"
+) -> pd.DataFrame:
+    """Long format: one row per record with the reproduced ``metric``, and for top-1 the published value and delta.
+
+    Column ``top1`` holds the chosen metric (e.g. ``fp_top1_agreement`` for random-init models); records
+    without it are left out."""
     published = load_published() if published is None else published
     rows = []
     for record in records:
         if record.get("task") != "classification":
             continue
+        if metric not in record["metrics"]:
+            continue
         bits = record.get("bits")
         wbits, abits = (bits["w"], bits["a"]) if bits else (None, None)
         model = str(record["model"].get("display") or record["model"]["name"])
-        value, source = published_value(published, str(record["method"]["name"]), model, wbits, abits)
-        top1 = float(record["metrics"]["top1"])
+        value, source = (None, None)
+        if metric == "top1":
+            value, source = published_value(published, str(record["method"]["name"]), model, wbits, abits)
+        top1 = float(record["metrics"][metric])
         rows.append({
             "method": method_label(record),
             "bits": f"W{wbits}A{abits}" if bits else "32/32",
