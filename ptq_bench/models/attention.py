@@ -38,7 +38,7 @@ class QuantAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul1(q, k.transpose(-2, -1)).mul_(self.scale)
+        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale  # not in place: hooks may hold the output
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.matmul2(attn, v).transpose(1, 2).reshape(B, N, self.attn_dim)
