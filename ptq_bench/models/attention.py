@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.swin_transformer import WindowAttention
@@ -19,18 +20,22 @@ from timm.models.swin_transformer import WindowAttention
 from ptq_bench.quant.layers import QuantMatMul
 
 
-class QuantAttention(Attention):
-    """timm ``Attention`` with explicit, quantizable matmuls."""
+class _QuantMatMuls:
+    """Adds the two quantizable matmuls to a timm attention module converted in place."""
 
     matmul1: QuantMatMul
     matmul2: QuantMatMul
 
     @classmethod
-    def convert_(cls, attn: Attention) -> "QuantAttention":
+    def convert_(cls, attn: nn.Module):
         attn.__class__ = cls
         attn.matmul1 = QuantMatMul()
         attn.matmul2 = QuantMatMul()
-        return attn  # type: ignore[return-value]
+        return attn
+
+
+class QuantAttention(_QuantMatMuls, Attention):
+    """timm ``Attention`` with explicit, quantizable matmuls."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
@@ -48,18 +53,8 @@ class QuantAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
-class QuantWindowAttention(WindowAttention):
+class QuantWindowAttention(_QuantMatMuls, WindowAttention):
     """timm Swin ``WindowAttention`` with explicit, quantizable matmuls."""
-
-    matmul1: QuantMatMul
-    matmul2: QuantMatMul
-
-    @classmethod
-    def convert_(cls, attn: WindowAttention) -> "QuantWindowAttention":
-        attn.__class__ = cls
-        attn.matmul1 = QuantMatMul()
-        attn.matmul2 = QuantMatMul()
-        return attn  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, _ = x.shape

@@ -44,10 +44,14 @@ class _QuantWeightMixin:
     weight_quantizer: Optional[Quantizer]
     input_quantizer: Optional[Quantizer]
 
-    def _init_quant(self, weight_quantizer: Optional[Quantizer], input_quantizer: Optional[Quantizer]) -> None:
-        self.weight_quantizer = weight_quantizer
-        self.input_quantizer = input_quantizer
-        self._weight_cache = _WeightCache()
+    @classmethod
+    def convert_(cls, layer: nn.Module, weight_quantizer: Optional[Quantizer], input_quantizer: Optional[Quantizer]):
+        """Turn ``layer`` (an nn.Linear for QuantLinear, an nn.Conv2d for QuantConv2d) into this class, in place."""
+        layer.__class__ = cls
+        layer.weight_quantizer = weight_quantizer
+        layer.input_quantizer = input_quantizer
+        layer._weight_cache = _WeightCache()
+        return layer
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
@@ -66,24 +70,12 @@ class _QuantWeightMixin:
 class QuantLinear(_QuantWeightMixin, nn.Linear):
     """nn.Linear with a weight quantizer and an input quantizer."""
 
-    @classmethod
-    def convert_(cls, linear: nn.Linear, weight_quantizer: Optional[Quantizer], input_quantizer: Optional[Quantizer]) -> "QuantLinear":
-        linear.__class__ = cls
-        linear._init_quant(weight_quantizer, input_quantizer)
-        return linear  # type: ignore[return-value]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     """nn.Conv2d (the patch embedding) with a weight quantizer and an input quantizer."""
-
-    @classmethod
-    def convert_(cls, conv: nn.Conv2d, weight_quantizer: Optional[Quantizer], input_quantizer: Optional[Quantizer]) -> "QuantConv2d":
-        conv.__class__ = cls
-        conv._init_quant(weight_quantizer, input_quantizer)
-        return conv  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
