@@ -46,7 +46,8 @@ def test_impossible_bit_width(tmp_path, override, phrase):
 
 def test_missing_data_root(tmp_path):
     assert_clean_error(run_cli("model=deit_tiny", "data=imagenet", f"results_dir={tmp_path}", *FAST), "data.root")
-    result = run_cli("model=deit_tiny", "data=imagenet", f"data.root={tmp_path / 'nowhere'}", f"results_dir={tmp_path}", *FAST)
+    # the README/issue form: an ImageNet model selects data=imagenet by itself
+    result = run_cli("model=deit_small", "method=minmax", "bits=w4a4", f"data.root={tmp_path / 'nowhere'}", f"results_dir={tmp_path}", *FAST)
     assert_clean_error(result, "dataset root not found", "nowhere")
 
 
