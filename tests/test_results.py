@@ -19,7 +19,7 @@ def fake_record(method: str, model: str, display: str, bits: tuple[int, int] | N
         "run_key": key,
         "task": "classification",
         "created": extra.get("created", "2026-01-01T00:00:00"),
-        "model": {"name": model, "display": display},
+        "model": {"name": model, "display": display, "checkpoint": extra.get("checkpoint", f"/ckpt/{model}.pth")},
         "method": {"name": method},
         "method_overrides": extra.get("overrides", []),
         "bits": {"w": bits[0], "a": bits[1], "label": f"W{bits[0]}A{bits[1]}"} if bits else None,
@@ -79,6 +79,11 @@ def test_report_joins_published_numbers_and_computes_the_delta(tmp_path):
     assert "57.00 (57.43, -0.43)" in paths["md"].read_text()
     assert "\\begin{tabular}" in paths["tex"].read_text()
     assert len(pd.read_csv(paths["csv"])) == len(recs)
+
+
+def test_random_init_models_get_no_published_comparison():
+    frame = records_frame([fake_record("repq_vit", "deit_tiny", "DeiT-T", (4, 4), 1.0, checkpoint=None)])
+    assert pd.isna(frame.iloc[0]["published"])
 
 
 def test_newest_record_wins_for_the_same_cell():

@@ -19,6 +19,12 @@ def method_label(record: Mapping[str, Any]) -> str:
     return f"{name} [{', '.join(extras)}]" if extras else name
 
 
+def has_trained_weights(record: Mapping[str, Any]) -> bool:
+    """False for a random-init model (no checkpoint, not pretrained): a published number would mean nothing."""
+    pretrained = record.get("config", {}).get("model", {}).get("pretrained", False)
+    return bool(record["model"].get("checkpoint") or pretrained)
+
+
 def records_frame(
     records: Iterable[Mapping[str, Any]], published: pd.DataFrame | None = None, metric: str = "top1"
 ) -> pd.DataFrame:
@@ -37,7 +43,7 @@ def records_frame(
         wbits, abits = (bits["w"], bits["a"]) if bits else (None, None)
         model = str(record["model"].get("display") or record["model"]["name"])
         value, source = (None, None)
-        if metric == "top1":
+        if metric == "top1" and has_trained_weights(record):
             value, source = published_value(published, str(record["method"]["name"]), model, wbits, abits)
         top1 = float(record["metrics"][metric])
         rows.append({
