@@ -4,7 +4,7 @@ Loads the oracle's ``fp_weight/*``, ``inputs/calib`` and ``inputs/eval``, builds
 model, runs our method with the oracle's bits, then prints per-layer agreement of every searched scale
 (w_interval, a_interval, A/B_interval, split) and logits agreement with ``logits/q``.
 
-    .venv/bin/python benchmarks/compare_ptq4vit.py /work/peers/oracle_out/ptq4vit_deit_tiny_d1_w4a4.npz
+    .venv/bin/python benchmarks/compare_ptq4vit.py ../peers/oracle_out/ptq4vit_deit_tiny_d1_w4a4.npz
 """
 
 from __future__ import annotations
