@@ -25,6 +25,10 @@ def eval_transform_config(model: nn.Module, data_cfg: Mapping[str, Any]) -> dict
             config[timm_key] = tuple(float(v) for v in value)
         else:
             config[timm_key] = value
+    native_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if data_cfg.get("img_size") is None and native_size is not None:
+        # a model built directly (no timm pretrained config) takes its own input size, not timm's 224 default
+        config["input_size"] = (channels, *tuple(native_size))
     config["input_size"] = (channels, *config["input_size"][1:])
     return config
 

@@ -22,9 +22,10 @@ from ptq_bench.datasets import MnistIdx, image_folder
 from ptq_bench.errors import ConfigError, DataError
 from ptq_bench.eval_transform import eval_transform
 from ptq_bench.methods import BitWidth, Method, build_method
+from ptq_bench.methods.base import RUNTIME_OPTIONS
 from ptq_bench.models.build import build_model
-from ptq_bench.results.environment import peak_memory
-from ptq_bench.results.store import run_key
+from ptq_bench.results.environment import peak_memory, start_memory_tracking
+from ptq_bench.results.store import SCHEMA_VERSION, run_key
 from tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,13 @@ def parse_bits(cfg: DictConfig) -> BitWidth:
         raise ConfigError(f"bits.w and bits.a must be integers, got w={cfg.bits.w!r} a={cfg.bits.a!r}") from None
 
 
-def draw_calibration(train: Dataset, size: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+def draw_calibration(train: Dataset, size: int, seed: int, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """``size`` images of the train split chosen by a generator seeded with ``seed``."""
     if size > len(train):
         raise DataError(f"calibration needs {size} images but the train split has {len(train)}")
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(train), generator=generator)[:size].tolist()
-    images = torch.stack([train[i][0] for i in tqdm(indices, desc="calibration images", unit="img", leave=False)])
+    images = torch.stack([train[i][0] for i in tqdm(indices, desc="calibration images", unit="img", leave=False, disable=not progress)])
     return images, indices
 
 
@@ -111,7 +112,7 @@ def identity(cfg: DictConfig, method: Method, bits: BitWidth, weights_sha256: st
         "model": model,
         "weights_sha256": weights_sha256,
         "data": data,
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "method": {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in RUNTIME_OPTIONS},
         "bits": [bits.w, bits.a] if method.uses_bits else None,
         "seed": int(cfg.seed),
     }
@@ -133,12 +134,13 @@ def run(cfg: DictConfig, store: Any, label: str) -> dict[str, Any]:
         return store.load(key)
 
     start = time.perf_counter()
+    rss_baseline = start_memory_tracking(device)
     calibration: dict[str, Any] = {"num_images": 0}
     model.to(device)
     fp_model = copy.deepcopy(model) if cfg.task.get("compare_fp") and method.uses_calibration else None
     if method.uses_calibration:
         train = make_dataset(cfg.data, cfg.data.train_split, transform)
-        images, indices = draw_calibration(train, int(cfg.method.calib_size), int(cfg.seed))
+        images, indices = draw_calibration(train, int(cfg.method.calib_size), int(cfg.seed), bool(cfg.task.progress))
         calibration = {
             "num_images": len(indices),
             "indices": indices,
@@ -154,6 +156,7 @@ def run(cfg: DictConfig, store: Any, label: str) -> dict[str, Any]:
     metrics = evaluate(model, loader, device, label, bool(cfg.task.progress), fp_model)
     eval_seconds = time.perf_counter() - eval_start
     return {
+        "schema": SCHEMA_VERSION,
         "run_key": key,
         "task": "classification",
         "model": {**info.__dict__, "display": cfg.model.get("display", info.name), "transform": transform_cfg},
@@ -168,5 +171,5 @@ def run(cfg: DictConfig, store: Any, label: str) -> dict[str, Any]:
             "total_s": time.perf_counter() - start,
         },
         "device": str(device),
-        "memory": peak_memory(device),
+        "memory": peak_memory(device, rss_baseline),
     }

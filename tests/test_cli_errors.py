@@ -36,6 +36,7 @@ def test_unknown_timm_architecture(tmp_path, image_folder_root):
 
 
 def test_unknown_method_name(tmp_path):
+    assert_clean_error(run_cli("method=magic", f"results_dir={tmp_path}"), "method/magic")
     assert_clean_error(run_cli("method.name=magic", f"results_dir={tmp_path}", *FAST), "unknown method 'magic'")
 
 

@@ -81,3 +81,10 @@ def test_weights_are_quantized_once_and_cached():
     with torch.no_grad():
         model(x)
     assert calls == [1]  # recomputed once after the quantizer changed
+
+
+def test_quantizers_are_created_on_the_device_of_their_layer():
+    """A model moved to a device before quantization (the task does so for GPUs) gets its quantizers there."""
+    model = small(ARCHS[0]).to("meta")
+    prepare_(model, factory)
+    assert {q.scale.device.type for _, q in named_quantizers(model)} == {"meta"}

@@ -222,3 +222,16 @@ def test_matches_official_code_on_tiny_vit() -> None:
     worst = max(diffs, key=lambda d: d.max_rel)
     assert worst.max_rel <= 1e-5, worst
     assert torch.allclose(logits, torch.from_numpy(fixture["logits/q"]), atol=1e-5)
+
+
+def test_log_quantizers_pass_a_straight_through_gradient():
+    """Reconstruction-based methods (DopQ-ViT, AIQViT ablations) train what feeds a log-quantized map."""
+    for name in ("log2", "log_sqrt2"):
+        quantizer = QUANTIZERS.get(name)(4)
+        quantizer.set_scale(torch.tensor(1.0))
+        x = torch.tensor([0.03, 0.2, 0.7], requires_grad=True)
+        out = quantizer(x)
+        out.sum().backward()
+        assert torch.equal(x.grad, torch.ones(3))
+        with torch.no_grad():
+            assert torch.equal(out.detach(), quantizer(x.detach()))

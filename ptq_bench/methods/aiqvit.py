@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, BitWidth, Method
 from ptq_bench.models import QuantSite, calibrating, prepare_
+from ptq_bench.models.build import parameters_sha256
 from ptq_bench.quant import QUANTIZERS, Quantizer, UniformQuantizer
 from ptq_bench.quant.dfq import DynamicFocusingQuantizer
 from ptq_bench.quant.layers import QuantLinear
@@ -219,7 +220,7 @@ class AIQViT(Method):
         cfg = self.config
         fp_blocks = dict(find_blocks(fp_model))
         blocks = find_blocks(model)
-        store = None if cfg.state_dir is None else BlockStateStore(cfg.state_dir, self._fingerprint(images))
+        store = None if cfg.state_dir is None else BlockStateStore(cfg.state_dir, self._fingerprint(fp_model, images))
         bar = tqdm(blocks, desc="AIQViT blocks", disable=not cfg.progress)
         for index, (name, block) in enumerate(bar):
             if store is not None and store.has(name):
@@ -242,9 +243,10 @@ class AIQViT(Method):
             if store is not None:
                 store.save(name, block, {"ranks": ranks, "errors": [before, after]})
 
-    def _fingerprint(self, images: torch.Tensor) -> dict[str, Any]:
+    def _fingerprint(self, fp_model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
         data = images.detach().double().cpu()  # device-independent
         return self.config.fingerprint(self.bits) | {
+            "fp_parameters_sha256": parameters_sha256(fp_model),  # saved blocks of another model are refused
             "calib_shape": list(images.shape),
             "calib_sum": data.sum().item(),
             "calib_sq_sum": data.pow(2).sum().item(),

@@ -19,6 +19,9 @@ from ptq_bench.errors import ConfigError
 from ptq_bench.quant.base import validate_bits
 from ptq_bench.registry import Registry
 
+#: Method options that change how a run goes, never its result: left out of run keys and table labels.
+RUNTIME_OPTIONS = frozenset({"progress", "device", "state_dir", "capture_mb", "search_chunk_mb"})
+
 #: Bit-widths a user may ask for (the issue's "impossible bit-width" check).
 USER_BITS = (2, 8)
 

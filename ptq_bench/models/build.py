@@ -8,9 +8,10 @@ timm state dict (.pth/.pt/.bin via ``torch.load(weights_only=True)``, or .safete
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import hydra
 import torch
@@ -18,6 +19,8 @@ from hydra.errors import InstantiationException
 from torch import nn
 
 from ptq_bench.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 #: Keys under which training frameworks nest the state dict (timm/DeiT "model", others "state_dict").
@@ -32,6 +35,7 @@ class ModelInfo:
     checkpoint: Optional[str]
     weights_sha256: str
     num_params: int
+    random_init: bool  # neither a checkpoint nor pretrained weights: accuracy is meaningless, fidelity is not
 
 
 def file_sha256(path: Path) -> str:
@@ -42,14 +46,23 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def state_dict_sha256(model: nn.Module) -> str:
-    """Content hash of a state dict (names, shapes and values), for weights not loaded from a file."""
+def _tensors_sha256(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
+    for key, value in items:
         digest.update(key.encode())
         digest.update(str(tuple(value.shape)).encode())
         digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Content hash of a state dict (names, shapes and values), for weights not loaded from a file."""
+    return _tensors_sha256(sorted(model.state_dict().items()))
+
+
+def parameters_sha256(model: nn.Module) -> str:
+    """Content hash of a model's parameters (buffers such as quantizer state excluded)."""
+    return _tensors_sha256(model.named_parameters())
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -111,6 +124,11 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo]:
         sha = file_sha256(path)
     else:
         sha = state_dict_sha256(model)
+    random_init = not checkpoint and not cfg.get("pretrained")
+    if random_init:
+        log.warning("model '%s' has random weights (no model.checkpoint, model.pretrained=false): top-1 is not "
+                    "comparable with published numbers", cfg["name"])
     model.eval()
-    info = ModelInfo(str(cfg["name"]), str(checkpoint) if checkpoint else None, sha, sum(p.numel() for p in model.parameters()))
+    num_params = sum(p.numel() for p in model.parameters())
+    info = ModelInfo(str(cfg["name"]), str(checkpoint) if checkpoint else None, sha, num_params, random_init)
     return model, info

@@ -45,6 +45,10 @@ class QuantSite:
     role: str
     module: nn.Module
 
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown quantization role '{self.role}' (known: {', '.join(ROLES)})")
+
     @property
     def is_weight(self) -> bool:
         return self.role == "weight"
@@ -78,6 +82,9 @@ def _make(factory: QuantizerFactory, site: QuantSite) -> Optional[Quantizer]:
     quantizer = factory(site)
     if quantizer is not None:
         quantizer.role = site.role
+        parameter = next(site.module.parameters(), None)
+        if parameter is not None:
+            quantizer.to(parameter.device)  # a model already on the GPU gets its quantizers there too
     return quantizer
 
 

@@ -78,6 +78,9 @@ class _LogQuantizer(Quantizer):
         """Level value of exponent q on a grid with δ = 1."""
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # straight-through estimator, so reconstruction-based methods can train what feeds the map
+            return x + (self._fake_quant(x.detach(), self.scale) - x).detach()
         return self._fake_quant(x, self.scale)
 
     def extra_repr(self) -> str:

@@ -39,12 +39,6 @@ def grid_bounds(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """clamp(round(x / s) + z, qmin, qmax) - z, times s; rounding without gradient tricks (observer use)."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
-
-
 def _interpolated_quantile(order_stat: Callable[[int], torch.Tensor], n: int, q: float, dtype: torch.dtype) -> torch.Tensor:
     """Linear-interpolation quantile from ``order_stat(i)`` (the i-th smallest value of each row).
 
@@ -90,7 +84,7 @@ def _row_errors(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits:
     scale, zp = affine_params(low, high, bits, symmetric)
     scale, zp = scale[:, None], zp[:, None]
     qmin, qmax = grid_bounds(bits, symmetric)
-    # fake_quant(rows, ...) - rows, in place on one buffer (same values, a third of the memory traffic)
+    # (clamp(round(rows/s) + z, qmin, qmax) - z)·s - rows, in place on one buffer (same values, a third of the memory traffic)
     err = rows / scale
     err.round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale).sub_(rows)
     return (err.square_() if p == 2 else err.abs_().pow_(p)).mean(dim=1)

@@ -75,6 +75,7 @@ class UniformQuantizer(Quantizer):
         """Install (s, z) directly (used by reparameterizations and by tests)."""
         self.scale = scale.detach().clone().to(self.scale.device)
         self.zero_point = zero_point.detach().clone().to(self.scale.device)
+        self._zero_point_key = None
         self.calibrated = True
         self.params_changed()
 

@@ -49,8 +49,20 @@ def environment(repo: Path, device: torch.device) -> dict[str, Any]:
     }
 
 
-def peak_memory(device: torch.device) -> dict[str, float | None]:
-    """Peak resident memory of this process (MiB) and peak CUDA memory when on a GPU."""
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def process_peak_rss_mib() -> float:
+    """The peak resident memory of this process so far (MiB; Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start_memory_tracking(device: torch.device) -> float:
+    """Reset the CUDA peak counter and return the process's peak RSS before the run (the baseline)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return process_peak_rss_mib()
+
+
+def peak_memory(device: torch.device, rss_baseline_mib: float) -> dict[str, float | None]:
+    """Peak CUDA memory of this run (GPU) and the process's peak RSS, with its value before the run: in a
+    sequential sweep one process runs many jobs, and an RSS peak can only grow, so only a rise is this run's."""
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"peak_rss_mib": rss_kib / 1024, "peak_cuda_mib": cuda}
+    return {"peak_cuda_mib": cuda, "process_peak_rss_mib": process_peak_rss_mib(), "process_peak_rss_before_run_mib": rss_baseline_mib}

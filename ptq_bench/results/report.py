@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from ptq_bench.methods.base import RUNTIME_OPTIONS
 from ptq_bench.results.published import load_published, published_value
 
 
@@ -15,12 +16,15 @@ def method_label(record: Mapping[str, Any]) -> str:
     """The method name, with its command-line option overrides for ablation variants."""
     name = str(record["method"]["name"])
     overrides = [o.split("=", 1) for o in record.get("method_overrides", [])]
-    extras = [f"{k.removeprefix('method.')}={v}" for k, v in overrides if k not in ("method.name", "method.calib_size")]
+    skip = {"name", "calib_size", *RUNTIME_OPTIONS}
+    extras = [f"{k.removeprefix('method.')}={v}" for k, v in overrides if k.removeprefix("method.") not in skip]
     return f"{name} [{', '.join(extras)}]" if extras else name
 
 
 def has_trained_weights(record: Mapping[str, Any]) -> bool:
     """False for a random-init model (no checkpoint, not pretrained): a published number would mean nothing."""
+    if "random_init" in record["model"]:
+        return not record["model"]["random_init"]
     pretrained = record.get("config", {}).get("model", {}).get("pretrained", False)
     return bool(record["model"].get("checkpoint") or pretrained)
 
@@ -87,7 +91,7 @@ def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def markdown(table: pd.DataFrame) -> str:
     """The wide table as a Markdown pipe table with Method and W/A as ordinary columns."""
-    return table.reset_index().to_markdown(index=False) if not table.empty else "(no runs)"
+    return table.reset_index().to_markdown(index=False, disable_numparse=True) if not table.empty else "(no runs)"
 
 
 def write_report(frame: pd.DataFrame, out_dir: Path, name: str = "table") -> dict[str, Path]:

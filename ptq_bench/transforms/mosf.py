@@ -105,7 +105,7 @@ def effective_channel_params(
 
 @torch.no_grad()
 def mosf_reparameterize_(
-    model: nn.Module, rule: str = "mosf", compensation: Compensation = "mad", kappa: float = DEFAULT_KAPPA
+    model: nn.Module, rule: str = "mosf", compensation: Compensation = "all", kappa: float = DEFAULT_KAPPA
 ) -> list[QuantLinear]:
     """Reparameterize every calibrated per-channel post-LayerNorm quantizer to per tensor, in place.
 
