@@ -47,7 +47,10 @@ def main() -> None:
     parser.add_argument("--bits", default="4,4")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bits = BitWidth(*map(int, args.bits.split(",")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.method} {bits.label}, batch {args.batch_size}")
     print("| model | FP eval (s) | fake-quant eval (s) | ratio |\n|---|---|---|---|")
