@@ -3,7 +3,7 @@ random-init DeiT-T, with identical calibration data per model; one table per met
 
 DeiT-T is random-init (no weights can be downloaded here), evaluated on generated images, so its metric is the
 label-free fidelity to the FP model (top-1 agreement); MNIST uses real top-1. Budgets are CPU-sized and equal for
-both models (64 calibration images, reduced iterations): the table shows what each component does at this budget,
+both models (32 calibration images, 20-40 iterations per block): the table shows what each component does at this budget,
 not the papers' ImageNet numbers.
 
     python benchmarks/ablation_seed_methods.py [--out results/ablations] [--runs results/ablations/runs]
@@ -21,9 +21,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET = {
-    "repq_vit": ["method.calib_size=64"],
-    "dopq_vit": ["method.calib_size=64", "method.iters=100"],
-    "aiqvit": ["method.calib_size=64", "method.search_iters=50", "method.iters=100"],
+    "repq_vit": ["method.calib_size=32"],
+    "dopq_vit": ["method.calib_size=32", "method.iters=30"],
+    "aiqvit": ["method.calib_size=32", "method.search_iters=20", "method.iters=40"],
 }
 VARIANTS = [
     ("repq_vit", []),
