@@ -72,7 +72,7 @@ def main() -> None:
                        f"hydra.sweep.dir={args.out / 'sweeps' / model / '_'.join([method, *options]).replace('=', '-')}"]
             print(" ".join(command[2:]), flush=True)
             subprocess.run(command, cwd=REPO, check=True)
-    for metric in ("top1", "fp_top1_agreement"):
+    for metric in ("top1", "fp_top1_agreement", "logit_cosine"):
         subprocess.run([sys.executable, "-m", "ptq_bench.report", "--runs", str(runs), "--out", str(args.out),
                         "--name", f"ablation_{metric}", "--metric", metric], cwd=REPO, check=True)
 

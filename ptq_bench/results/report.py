@@ -65,6 +65,7 @@ def records_frame(
             "created": record.get("created", ""),
         })
     frame = pd.DataFrame(rows)
+    frame.attrs["metric"] = metric
     if frame.empty:
         return frame
     # the newest record wins when the same cell was run twice with different run keys (e.g. new code)
@@ -72,17 +73,18 @@ def records_frame(
     return frame.sort_values(["wbits", "bits", "method", "model"], ascending=[False, True, True, True]).reset_index(drop=True)
 
 
-def _cell(row: pd.Series) -> str:
+def _cell(row: pd.Series, digits: int = 2) -> str:
     if pd.isna(row["published"]):
-        return f"{row['top1']:.2f}"
-    return f"{row['top1']:.2f} ({row['published']:.2f}, {row['delta']:+.2f})"
+        return f"{row['top1']:.{digits}f}"
+    return f"{row['top1']:.{digits}f} ({row['published']:.2f}, {row['delta']:+.2f})"
 
 
 def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Wide table: index (Method, W/A), one column per model; cells 'reproduced (published, Δ)'."""
     if frame.empty:
         return pd.DataFrame()
-    cells = frame.assign(cell=frame.apply(_cell, axis=1))
+    digits = 4 if frame.attrs.get("metric") == "logit_cosine" else 2
+    cells = frame.assign(cell=frame.apply(_cell, axis=1, digits=digits))
     table = cells.pivot_table(index=["method", "bits"], columns="model", values="cell", aggfunc="first", sort=False)
     table.columns.name = None
     table.index.names = ["Method", "W/A"]
