@@ -128,7 +128,8 @@ def plot_accuracy(frame: pd.DataFrame, path: Path) -> Path | None:
     for model, group in frame[frame["bits"] == "32/32"].groupby("model"):
         ax.axhline(group["top1"].iloc[0], linestyle="--", linewidth=0.8, color="gray")
     ax.set_xlabel("bit-width")
-    ax.set_ylabel("top-1 (%)")
+    metric = frame.attrs.get("metric", "top1")
+    ax.set_ylabel({"top1": "top-1 (%)", "top5": "top-5 (%)", "fp_top1_agreement": "top-1 agreement with FP (%)"}.get(metric, metric))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
