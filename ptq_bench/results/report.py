@@ -3,6 +3,7 @@ published number beside each reproduced one, written as Markdown, LaTeX and CSV,
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -10,6 +11,8 @@ import pandas as pd
 
 from ptq_bench.methods.base import RUNTIME_OPTIONS
 from ptq_bench.results.published import load_published, published_value
+
+log = logging.getLogger(__name__)
 
 
 def method_label(record: Mapping[str, Any]) -> str:
@@ -69,7 +72,12 @@ def records_frame(
     if frame.empty:
         return frame
     # the newest record wins when the same cell was run twice with different run keys (e.g. new code)
-    frame = frame.sort_values("created").drop_duplicates(["method", "bits", "model"], keep="last")
+    cell = ["method", "bits", "model"]
+    competing = int(frame.duplicated(cell).sum())
+    if competing:
+        log.warning("%d record(s) compete for a table cell already filled (other data, seed or code version): "
+                    "the newest is shown; filter with --model/--method or use a separate --runs directory", competing)
+    frame = frame.sort_values("created").drop_duplicates(cell, keep="last")
     return frame.sort_values(["wbits", "bits", "method", "model"], ascending=[False, True, True, True]).reset_index(drop=True)
 
 
