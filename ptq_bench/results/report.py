@@ -14,6 +14,13 @@ from ptq_bench.results.published import load_published, published_value
 
 log = logging.getLogger(__name__)
 
+METRIC_LABELS = {
+    "top1": "Top-1 (%)",
+    "top5": "Top-5 (%)",
+    "fp_top1_agreement": "Top-1 agreement with the FP model (%)",
+    "logit_cosine": "Mean cosine similarity of logits to the FP model",
+}
+
 
 def method_label(record: Mapping[str, Any]) -> str:
     """The method name, with its command-line option overrides for ablation variants."""
@@ -109,7 +116,9 @@ def write_report(frame: pd.DataFrame, out_dir: Path, name: str = "table") -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     table = paper_table(frame)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "tex", "csv")}
-    note = "Top-1 (%) reproduced; in parentheses the published value and the difference, where published.\n\n"
+    metric = frame.attrs.get("metric", "top1")
+    note = (f"{METRIC_LABELS.get(metric, metric)}, reproduced"
+            + ("; in parentheses the published value and the difference, where published" if metric == "top1" else "") + ".\n\n")
     paths["md"].write_text(note + markdown(table) + "\n")
     paths["tex"].write_text(table.to_latex(escape=True, caption="Top-1 accuracy (\\%): reproduced (published, $\\Delta$).") )
     frame.to_csv(paths["csv"], index=False)
@@ -137,7 +146,7 @@ def plot_accuracy(frame: pd.DataFrame, path: Path) -> Path | None:
         ax.axhline(group["top1"].iloc[0], linestyle="--", linewidth=0.8, color="gray")
     ax.set_xlabel("bit-width")
     metric = frame.attrs.get("metric", "top1")
-    ax.set_ylabel({"top1": "top-1 (%)", "top5": "top-5 (%)", "fp_top1_agreement": "top-1 agreement with FP (%)"}.get(metric, metric))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
