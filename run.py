@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -48,15 +49,11 @@ def execute(cfg: DictConfig) -> dict:
     label = run_label(cfg)
     record = TASKS.get(str(cfg.task.name))(cfg, store, label)
     if "created" not in record:  # a fresh run, not a resumed one
-        import datetime
-
-        import torch
-
         record.update(
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             method_overrides=method_overrides(),
             config=OmegaConf.to_container(cfg, resolve=True),
-            env=environment(REPO, torch.device(record["device"])),
+            env=environment(REPO, record["device"]),
             output_dir=HydraConfig.get().runtime.output_dir,
         )
         path = store.write(record)

@@ -36,7 +36,9 @@ def git_state(repo: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def environment(repo: Path, device: torch.device) -> dict[str, Any]:
+def environment(repo: Path, device_name: str) -> dict[str, Any]:
+    """Versions, code commit and hardware of this run (``device_name`` as the task used it, e.g. "cuda:0")."""
+    device = torch.device(device_name)
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
