@@ -214,12 +214,15 @@ def test_reconstruction_changes_step_sizes() -> None:
     from ptq_bench.methods import BitWidth, build_method
 
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    scales = []
+    scales, weight_scales = [], []
     for reconstruction in (False, True):
         cfg = {"name": "dopq_vit", "iters": 10, "batch_size": 8, "reconstruction": reconstruction, "progress": False}
         quantized = build_method(cfg, BitWidth(4, 4)).quantize(tiny_vit(depth=2), images)
         scales.append(quantized.blocks[0].mlp.fc2.input_quantizer.scale.clone())
+        weight_scales.append(quantized.blocks[0].mlp.fc2.weight_quantizer.scale.clone())
+        assert all(p.grad is None for p in quantized.parameters())  # step sizes train, weights get no gradients
     assert not torch.equal(scales[0], scales[1])
+    assert not torch.equal(weight_scales[0], weight_scales[1])  # weight step sizes train through the uncached path
 
 
 def test_unknown_options_are_rejected() -> None:

@@ -134,8 +134,6 @@ class _learnable_step_sizes:
     def __enter__(self) -> list[tuple[torch.Tensor, float]]:
         for parameter in self.block.parameters():
             parameter.requires_grad_(False)
-        for layer in self.layers:  # a weight with requires_grad bypasses the quantized-weight cache
-            layer.weight.requires_grad_(True)
         groups = []
         for quantizer in self.quantizers:
             quantizer.scale = quantizer.scale.detach().clone().requires_grad_(True)

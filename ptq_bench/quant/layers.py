@@ -17,6 +17,11 @@ from torch import nn
 from ptq_bench.quant.base import Quantizer
 
 
+def _has_trainable_state(quantizer: Quantizer) -> bool:
+    """Whether any of the quantizer's tensors (e.g. a step size under reconstruction) requires grad."""
+    return any(t.requires_grad for t in quantizer.parameters()) or any(t.requires_grad for t in quantizer.buffers())
+
+
 class _WeightCache:
     """Cached fake-quantized weight, valid for one (weight tensor, quantizer version) pair."""
 
@@ -25,8 +30,8 @@ class _WeightCache:
         self.value: torch.Tensor | None = None
 
     def get(self, weight: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return quantizer(weight)  # a learnable weight must see fresh gradients
+        if torch.is_grad_enabled() and (weight.requires_grad or _has_trainable_state(quantizer)):
+            return quantizer(weight)  # a learnable weight or step size must see fresh gradients
         key = (weight.data_ptr(), weight._version, quantizer.version)
         if self.key != key or self.value is None:
             with torch.no_grad():
