@@ -4,15 +4,14 @@
     python run.py model=deit_small method=repq_vit bits=w4a4 data=imagenet data.root=/data/imagenet
     python run.py -m model=deit_tiny,vit_small bits=w4a4,w6a6 method=fp,minmax data=imagenet data.root=...
 
-Each run writes one record to ``results/runs/<run_key>.json`` (skipped if it exists: sweeps resume); a multirun
-ends with its table (see ``python -m ptq_bench.report`` for tables over all records).
+Each run goes through the one harness (ptq_bench/harness.py) and writes one record to
+``results/runs/<run_key>.json`` (skipped if it exists: sweeps resume); a multirun ends with its table (see
+``python -m ptq_bench.report`` for tables over all records).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -26,41 +25,15 @@ REPO = Path(__file__).resolve().parent
 DEMO_ARGS = ["-m", "method=fp,minmax", "bits=w8a8,w4a4"]
 
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO), replace=True)
-log = logging.getLogger("ptq_bench")
-
-
-def run_label(cfg: DictConfig) -> str:
-    bits = f"W{cfg.bits.w}A{cfg.bits.a}"
-    return f"{cfg.model.name}/{cfg.method.name}/{bits}"
-
-
-def method_overrides() -> list[str]:
-    """The command-line overrides of method options (they name an ablation variant in tables)."""
-    return sorted(o for o in HydraConfig.get().overrides.task if o.startswith("method."))
 
 
 def execute(cfg: DictConfig) -> dict:
-    from ptq_bench.results.environment import environment
-    from ptq_bench.results.store import RecordStore
-    from ptq_bench.tracking import log_to_wandb
-    from tasks import TASKS
+    from ptq_bench.harness import run
 
-    store = RecordStore(cfg.results_dir)
-    label = run_label(cfg)
-    record = TASKS.get(str(cfg.task.name))(cfg, store, label)
-    if "created" not in record:  # a fresh run, not a resumed one
-        record.update(
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            method_overrides=method_overrides(),
-            config=OmegaConf.to_container(cfg, resolve=True),
-            env=environment(REPO, record["device"]),
-            output_dir=HydraConfig.get().runtime.output_dir,
-        )
-        path = store.write(record)
-        log.info("%s: top-1 %.2f%% (record %s)", label, record["metrics"]["top1"], path)
-        log_to_wandb(cfg.logger, record, label, Path(HydraConfig.get().runtime.output_dir))
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        sweep_keys = Path(HydraConfig.get().sweep.dir) / "run_keys.txt"
+    hydra_cfg = HydraConfig.get()
+    record = run(cfg, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep_keys = Path(hydra_cfg.sweep.dir) / "run_keys.txt"
         with open(sweep_keys, "a") as handle:  # one short line per job: appends do not interleave
             handle.write(record["run_key"] + "\n")
     return record

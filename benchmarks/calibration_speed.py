@@ -24,7 +24,8 @@ from typing import Optional
 import timm
 import torch
 
-from ptq_bench.methods import METHODS, BitWidth
+from ptq_bench.calibration import image_calibration
+from ptq_bench.methods import BitWidth, build_method
 
 TIMM_NAMES = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224"}
 TARGET_RATIO = 0.25
@@ -36,7 +37,7 @@ def time_ours(model_name: str, calib_size: int, seed: int, bits: BitWidth) -> tu
     model = timm.create_model(model_name, pretrained=False).eval()
     calib = torch.randn((calib_size, 3, 224, 224), generator=torch.Generator().manual_seed(seed + 1000))
     wall, cpu = time.perf_counter(), time.process_time()
-    METHODS.get("repq_vit")(bits).quantize(model, calib)
+    build_method("repq_vit", bits).quantize(model, image_calibration(calib))
     return time.perf_counter() - wall, time.process_time() - cpu
 
 

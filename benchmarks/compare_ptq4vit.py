@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptq_bench.methods import BitWidth
-from ptq_bench.methods.ptq4vit import PTQ4ViT, BasePTQ
+from ptq_bench.calibration import image_calibration
+from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ptq_bench.quant.twin_uniform import TwinGeluQuantizer, TwinSoftmaxQuantizer, signed_qmax
 
-METHOD_OF_CONFIG = {"PTQ4ViT": PTQ4ViT, "BasePTQ": BasePTQ}
+METHOD_OF_CONFIG = {"PTQ4ViT": "ptq4vit", "BasePTQ": "base_ptq"}
 
 
 def build_model(oracle: np.lib.npyio.NpzFile, name: str, depth: int | None) -> nn.Module:
@@ -103,10 +103,10 @@ def main() -> None:
     print(f"FP logits vs oracle logits/fp: {logits_agreement(fp, torch.from_numpy(oracle['logits/fp']))}")
 
     metric = next(iter(meta["quantizers"].values()))["metric"]  # example/test_all.py sets it for both configs
-    method = METHOD_OF_CONFIG[run.get("config", "PTQ4ViT")](BitWidth(run["w_bits"], run["a_bits"]), metric=metric)
+    method = build_method(METHOD_OF_CONFIG[run.get("config", "PTQ4ViT")], BitWidth(run["w_bits"], run["a_bits"]), metric=metric)
     print(f"method {method.name}, metric {metric}, W{run['w_bits']}A{run['a_bits']}, depth {run.get('depth')}")
     start, cpu_start = time.perf_counter(), time.process_time()
-    method.quantize(model, calib)
+    method.quantize(model, image_calibration(calib))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     worst = compare_scales(oracle, our_scales(model, run["a_bits"]))
     with torch.no_grad():

@@ -16,6 +16,7 @@ import time
 import timm
 import torch
 
+from ptq_bench.calibration import image_calibration
 from ptq_bench.methods import BitWidth, build_method
 
 
@@ -30,7 +31,7 @@ def measure(name: str, method: str, bits: BitWidth, batch_size: int, repeats: in
     torch.manual_seed(0)
     fp = timm.create_model(name, pretrained=False).eval()
     batch = torch.randn(batch_size, 3, 224, 224)
-    quantized = build_method({"name": method}, bits).quantize(copy.deepcopy(fp), batch[:8])
+    quantized = build_method(method, bits).quantize(copy.deepcopy(fp), image_calibration(batch[:8]))
     timed(fp, batch), timed(quantized, batch)  # warm-up
     fp_times, q_times = [], []
     for _ in range(repeats):

@@ -23,7 +23,8 @@ import timm
 import torch
 from torch import nn
 
-from ptq_bench.methods import METHODS, BitWidth
+from ptq_bench.calibration import image_calibration
+from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.models import set_quantizers_enabled
 
 #: official attribute / quantizer names → ours (RepQ-ViT quant_modules.py / quantizer.py naming)
@@ -169,7 +170,7 @@ def compare(
     fp_agree = logit_agreement(fp, torch.from_numpy(arrays["logits/fp"]))
     print(f"FP logits vs oracle:        {fp_agree}")
 
-    METHODS.get(method)(bits, **options).quantize(model, calib)
+    build_method(method, bits, **options).quantize(model, image_calibration(calib))
     qdiffs = qparam_diffs(model, arrays)
     wdiffs = weight_diffs(model, arrays)
     if verbose:

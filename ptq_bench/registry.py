@@ -30,5 +30,11 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.kind} '{name}' (known: {', '.join(sorted(self._items))})")
         return self._items[name]
 
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def values(self) -> list[T]:
+        return [self._items[name] for name in self.names()]
+
     def __contains__(self, name: str) -> bool:
         return name in self._items

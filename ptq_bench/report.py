@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="table", help="file name stem of the outputs")
     parser.add_argument("--model", nargs="*", help="keep only these models (harness names, e.g. deit_tiny)")
     parser.add_argument("--method", nargs="*", help="keep only these methods (e.g. fp minmax repq_vit)")
-    parser.add_argument("--metric", default="top1", help="top1 (default), top5, fp_top1_agreement or logit_cosine")
+    parser.add_argument("--metric", default=None, help="default: each task's primary metric (top1, bbox_mAP); or top5, "
+                        "fp_top1_agreement, logit_cosine, segm_mAP, ...")
     args = parser.parse_args(argv)
     records = [
         r for r in RecordStore(args.runs)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"error: no run records in {args.runs}\n")
     frame = records_frame(records, metric=args.metric)
     if frame.empty:
-        parser.exit(1, f"error: no record in {args.runs} has metric '{args.metric}'\n")
+        parser.exit(1, f"error: no record in {args.runs} has metric '{args.metric or 'primary'}'\n")
     paths = write_report(frame, args.out, args.name)
     print(markdown(paper_table(frame)))
     print("\nwritten: " + ", ".join(str(p) for p in paths.values()))

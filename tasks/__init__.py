@@ -1,10 +1,8 @@
-"""Task adapters: each builds model and data for its task, runs a method, and owns the metric."""
-
-from typing import Callable
+"""Task adapters (:class:`tasks.base.Task`): each builds its model and data, runs the model, owns its metric."""
 
 from ptq_bench.registry import Registry
 
-TASKS: Registry[Callable] = Registry("task")
+TASKS: Registry[type] = Registry("task")
 
 from tasks import classification  # noqa: E402,F401  (registration)
 

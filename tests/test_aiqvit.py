@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ptq_bench.calibration import image_calibration
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.methods.aiqvit import AIQViT
@@ -28,8 +29,6 @@ FAST = {
     "candidate_ranks": [2, 4, 8],
     "curriculum_rerank_every": 4,
     "init_size": 8,
-    "progress": False,
-    "device": "cpu",
 }
 
 
@@ -208,7 +207,7 @@ def test_reconstruction_uses_the_easiest_samples_first():
 # ------------------------------------------------------------------ method
 def run(options: dict, depth: int = 2, bits: BitWidth = BitWidth(4, 4)) -> tuple[AIQViT, nn.Module]:
     method = build_method({"name": "aiqvit", **FAST, **options}, bits)
-    model = method.quantize(tiny_vit(depth), images())
+    model = method.quantize(tiny_vit(depth), image_calibration(images()))
     return method, model
 
 
@@ -243,7 +242,7 @@ def test_reparameterization_after_reconstruction_makes_post_layernorm_per_tensor
 
 
 def test_bad_options_raise_config_errors():
-    for options in ({"rank": "auto"}, {"rank": 0}, {"softmax_quantizer": "tanq"}, {"placement": "side"}, {"unknown": 1}):
+    for options in ({"rank": "auto"}, {"rank": 0}, {"softmax_quantizer": "twin_gelu"}, {"placement": "side"}, {"unknown": 1}):
         with pytest.raises(ConfigError):
             build_method({"name": "aiqvit", **options}, BitWidth(4, 4))
 
@@ -282,5 +281,5 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 def test_hydra_config_builds_the_method():
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/method/aiqvit.yaml")
     method = build_method(cfg, BitWidth(4, 4))
-    assert method.config.candidate_ranks == (10, 20, 50, 100, 150)
-    assert method.config.rank == "search" and method.config.reparam == "after"
+    assert method.options.candidate_ranks == (10, 20, 50, 100, 150)
+    assert method.options.rank == "search" and method.options.reparam == "after"

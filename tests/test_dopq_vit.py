@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ptq_bench.calibration import image_calibration
 from ptq_bench.quant import QUANTIZERS, Quantizer
 from ptq_bench.quant.tanq import TanQuantizer, tan_grid
 from ptq_bench.transforms.mosf import (
@@ -178,7 +179,7 @@ def test_reparameterization_keeps_fp_logits(rule: str, compensation: str) -> Non
     with torch.no_grad():
         reference = model(images)
     cfg = {"name": "dopq_vit", "scale_factor": rule, "compensation": compensation, "reconstruction": False}
-    quantized = build_method(cfg, BitWidth(4, 4)).quantize(model, images)
+    quantized = build_method(cfg, BitWidth(4, 4)).quantize(model, image_calibration(images))
     set_quantizers_enabled(quantized, False)
     with torch.no_grad():
         assert torch.allclose(quantized(images), reference, atol=1e-4, rtol=1e-4)
@@ -196,9 +197,9 @@ def test_dopq_vit_end_to_end_with_reconstruction() -> None:
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = model(images)
-    cfg = {"name": "dopq_vit", "iters": 5, "batch_size": 8, "init_calib_size": 8, "progress": False}
+    cfg = {"name": "dopq_vit", "iters": 5, "batch_size": 8, "init_calib_size": 8}
     method = build_method(cfg, BitWidth(4, 4))
-    quantized = method.quantize(model, images)
+    quantized = method.quantize(model, image_calibration(images))
     with torch.no_grad():
         out = quantized(images)
     assert torch.isfinite(out).all() and not torch.allclose(out, reference)
@@ -216,8 +217,8 @@ def test_reconstruction_changes_step_sizes() -> None:
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     scales, weight_scales = [], []
     for reconstruction in (False, True):
-        cfg = {"name": "dopq_vit", "iters": 10, "batch_size": 8, "reconstruction": reconstruction, "progress": False}
-        quantized = build_method(cfg, BitWidth(4, 4)).quantize(tiny_vit(depth=2), images)
+        cfg = {"name": "dopq_vit", "iters": 10, "batch_size": 8, "reconstruction": reconstruction}
+        quantized = build_method(cfg, BitWidth(4, 4)).quantize(tiny_vit(depth=2), image_calibration(images))
         scales.append(quantized.blocks[0].mlp.fc2.input_quantizer.scale.clone())
         weight_scales.append(quantized.blocks[0].mlp.fc2.weight_quantizer.scale.clone())
         assert all(p.grad is None for p in quantized.parameters())  # step sizes train, weights get no gradients

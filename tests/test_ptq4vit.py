@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ptq_bench.calibration import image_calibration
 from ptq_bench.errors import ConfigError
-from ptq_bench.methods import METHODS, BitWidth, build_method
+from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.methods.ptq4vit_capture import Recording
 from ptq_bench.methods.ptq4vit_search import SearchSettings, search_linear, search_matmul
 from ptq_bench.models import named_quantizers, set_quantizers_enabled
@@ -164,7 +165,7 @@ def test_ptq4vit_end_to_end_w8a8_close_to_fp() -> None:
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1000))
     with torch.no_grad():
         fp = model(images)
-        METHODS.get("ptq4vit")(BitWidth(8, 8)).quantize(model, images)
+        build_method("ptq4vit", BitWidth(8, 8)).quantize(model, image_calibration(images))
         q = model(images)
     kinds = {type(q).__name__ for _, q in named_quantizers(model)}
     assert kinds == {"UniformQuantizer", "TwinSoftmaxQuantizer", "TwinGeluQuantizer"}
@@ -190,7 +191,7 @@ def test_base_ptq_and_swin_end_to_end() -> None:
                                   num_heads=(1, 1, 2, 2), img_size=112, window_size=7).eval()  # fmt: skip
         model.load_state_dict(swin.state_dict())
         with torch.no_grad():
-            METHODS.get(name)(BitWidth(8, 8), eq_n=20).quantize(model, images)
+            build_method(name, BitWidth(8, 8), eq_n=20).quantize(model, image_calibration(images))
             q = model(images)
         assert F.cosine_similarity(q.flatten(), fp.flatten(), dim=0) > 0.99, name
         w = model.patch_embed.proj.weight_quantizer.scale
@@ -207,6 +208,6 @@ def test_config_files_list_every_option(name: str) -> None:
 
 def test_bad_options_raise_config_error() -> None:
     with pytest.raises(ConfigError):
-        METHODS.get("ptq4vit")(BitWidth(4, 4), metric="mse")
+        build_method("ptq4vit", BitWidth(4, 4), metric="mse")
     with pytest.raises(ConfigError):
-        METHODS.get("base_ptq")(BitWidth(4, 4), eq_alpha=1.5)
+        build_method("base_ptq", BitWidth(4, 4), eq_alpha=1.5)

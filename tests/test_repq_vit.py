@@ -14,9 +14,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ptq_bench.calibration import image_calibration
 from ptq_bench.compare import qparam_diffs
 from ptq_bench.errors import ConfigError
-from ptq_bench.methods import METHODS, BitWidth
+from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.models import calibrating, named_quantizers, prepare_, set_quantizers_enabled
 from ptq_bench.quant import QUANTIZERS, UniformQuantizer
 from ptq_bench.quant.log import Log2Quantizer, LogSqrt2Quantizer
@@ -113,7 +114,7 @@ def test_rowwise_quantiles_equal_torch_quantile(n: int) -> None:
 def _fp_and_reparameterized(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     with torch.no_grad():
         fp = model(images)
-        METHODS.get("repq_vit")(BitWidth(4, 4)).quantize(model, images)
+        build_method("repq_vit", BitWidth(4, 4)).quantize(model, image_calibration(images))
         set_quantizers_enabled(model, False)
         off = model(images)
     return fp, off, model
@@ -185,7 +186,7 @@ def test_custom_target_fn_is_used() -> None:
 def test_recipe_quantizers(softmax: str) -> None:
     model = tiny_vit()
     images = synthetic_batch(1, 2, (3, 32, 32))
-    METHODS.get("repq_vit")(BitWidth(4, 6), softmax_quantizer=softmax).quantize(model, images)
+    build_method("repq_vit", BitWidth(4, 6), softmax_quantizer=softmax).quantize(model, image_calibration(images))
     quantizers = dict(named_quantizers(model))
     assert quantizers["patch_embed.proj.input_quantizer"].bits == 8
     assert quantizers["head.input_quantizer"].bits == 6 and quantizers["head.weight_quantizer"].bits == 4
@@ -198,7 +199,7 @@ def test_recipe_quantizers(softmax: str) -> None:
 
 def test_unknown_softmax_quantizer_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="softmax_quantizer"):
-        METHODS.get("repq_vit")(BitWidth(4, 4), softmax_quantizer="tanq")
+        build_method("repq_vit", BitWidth(4, 4), softmax_quantizer="twin_gelu")
 
 
 # ---------------------------------------------------------------------------------- official pin
@@ -215,7 +216,7 @@ def test_matches_official_code_on_tiny_vit() -> None:
     evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
     with torch.no_grad():
         assert torch.allclose(model(evalx), torch.from_numpy(fixture["logits/fp"]), atol=1e-5)
-        METHODS.get("repq_vit")(BitWidth(meta["w_bits"], meta["a_bits"])).quantize(model, calib)
+        build_method("repq_vit", BitWidth(meta["w_bits"], meta["a_bits"])).quantize(model, image_calibration(calib))
         logits = model(evalx)
     diffs = qparam_diffs(model, fixture)
     assert len(diffs) == meta["n_qparams"]

@@ -90,4 +90,4 @@ def test_newest_record_wins_for_the_same_cell():
     old = fake_record("minmax", "deit_tiny", "DeiT-T", (4, 4), 1.0, created="2026-01-01T00:00:00", v=1)
     new = fake_record("minmax", "deit_tiny", "DeiT-T", (4, 4), 2.0, created="2026-02-01T00:00:00", v=2)
     frame = records_frame([new, old])
-    assert frame["top1"].tolist() == [2.0]
+    assert frame["value"].tolist() == [2.0]

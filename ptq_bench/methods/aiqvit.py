@@ -23,11 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, BitWidth, Method
-from ptq_bench.models import QuantSite, calibrating, prepare_
+from ptq_bench.methods.options import runtime, runtime_fields
+from ptq_bench.models import QuantSite, calibrating, find_blocks, prepare_
 from ptq_bench.models.build import parameters_sha256
-from ptq_bench.quant import QUANTIZERS, Quantizer, UniformQuantizer
+from ptq_bench.quant import Quantizer, UniformQuantizer
+from ptq_bench.quant.registry import check_post_softmax, post_softmax_quantizer
 from ptq_bench.quant.dfq import DynamicFocusingQuantizer
 from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.transforms.lowrank import (
@@ -47,7 +50,6 @@ from ptq_bench.transforms.reconstruction import (
     capture_block_inputs,
     clamp_scales_,
     evaluate_losses,
-    find_blocks,
     learnable_scales,
     reconstruct_block,
 )
@@ -57,68 +59,49 @@ log = logging.getLogger(__name__)
 
 #: Paper's candidate rank set S (Implementation details).
 PAPER_RANKS = (10, 20, 50, 100, 150)
-SOFTMAX_QUANTIZERS = ("dfq", "log2", "log_sqrt2", "uniform")
 
 
-@dataclass
-class AIQViTConfig:
-    """Options of :class:`AIQViT` (paper values in comments; "harness" marks choices the paper does not state)."""
+@dataclass(frozen=True)
+class AIQViTOptions:
+    """Options of :class:`AIQViT`; conf/method/aiqvit.yaml gives every value with its source (paper or harness)."""
 
-    lowrank: bool = True  # AILoC on/off (Table 5)
-    rank: Union[str, int] = "search"  # "search" (Eq. 11-14) or a fixed rank (Table 6: 20, 100)
-    candidate_ranks: tuple[int, ...] = PAPER_RANKS
-    placement: Literal["merged", "side"] = "merged"  # Eq. 9 (merged) vs Eq. 11's literal side branch
-    rank_init: Literal["reinit", "warm"] = "reinit"  # harness: DARTS retrains the derived architecture
-    drop_path: float = 0.1  # φ in Eq. 11; rate not given (harness)
-    search_iters: int = 2000  # paper
-    search_val_fraction: float = 0.5  # |D_val|/|D|; not given (harness, DARTS)
-    iters: int = 6000  # paper ("calibration" iterations)
-    batch_size: int = 24  # paper (ImageNet)
-    lr_lowrank: float = 1e-3  # harness (LoRA-typical)
-    lr_arch: float = 3e-4  # harness (DARTS)
-    arch_betas: tuple[float, float] = (0.5, 0.999)  # harness (DARTS)
-    arch_weight_decay: float = 1e-3  # harness (DARTS)
-    softmax_quantizer: str = "dfq"  # Table 5 "without DFQ" = uniform
-    dfq_init: Literal["max", "mse"] = "mse"  # harness
-    dfq_below: Literal["b1", "zero"] = "b1"  # harness reading of Eq. 15
-    lr_dfq: float = 4e-5  # harness (QDrop/AdaLog convention for ranges)
-    learn_act_scales: bool = True  # harness, inferred from Table 5 (see docs)
-    lr_act: float = 4e-5  # harness
-    curriculum: bool = True  # Eq. 16-17
-    curriculum_lambda0: float = 0.5  # paper
-    curriculum_rerank_every: int = 100  # not given (harness)
-    curriculum_in_search: bool = False  # not given (harness; Fig. 2 shows CL in the low-rank optimization)
-    loss: Literal["mse", "fro"] = "mse"  # Eq. 10 prints an unsquared Frobenius norm ("fro")
-    input_source: Literal["quant", "fp"] = "quant"  # harness: BRECQ convention (quantized-model inputs)
-    reparam: Literal["after", "before", "none"] = "after"  # paper: reparameterize after reconstruction
-    weight_observer: str = "percentile"  # RepQ-ViT/I&S-ViT quantizer code
-    act_observer: str = "percentile"
-    patch_embed_input_bits: Optional[int] = 8  # RepQ-ViT/I&S-ViT convention
-    init_size: int = 32  # images of the initial calibration pass (RepQ-ViT's 32)
-    device: str = "auto"  # auto: cuda when available, else cpu
-    seed: int = 0
-    state_dir: Optional[str] = None  # per-block checkpoints for resuming
-    progress: bool = True
+    lowrank: bool
+    rank: Union[int, str]
+    candidate_ranks: tuple[int, ...]
+    placement: Literal["merged", "side"]
+    rank_init: Literal["reinit", "warm"]
+    drop_path: float
+    search_iters: int
+    search_val_fraction: float
+    iters: int
+    batch_size: int
+    lr_lowrank: float
+    lr_arch: float
+    arch_betas: tuple[float, float]
+    arch_weight_decay: float
+    softmax_quantizer: str
+    dfq_init: Literal["max", "mse"]
+    dfq_below: Literal["b1", "zero"]
+    lr_dfq: float
+    learn_act_scales: bool
+    lr_act: float
+    curriculum: bool
+    curriculum_lambda0: float
+    curriculum_rerank_every: int
+    curriculum_in_search: bool
+    loss: Literal["mse", "fro"]
+    input_source: Literal["quant", "fp"]
+    reparam: Literal["after", "before", "none"]
+    weight_observer: str
+    act_observer: str
+    patch_embed_input_bits: Optional[int]
+    init_size: int
+    state_dir: Optional[str] = runtime()  # per-block checkpoints for resuming
 
     def __post_init__(self) -> None:
-        self.candidate_ranks = tuple(int(r) for r in self.candidate_ranks)
-        self.arch_betas = tuple(float(b) for b in self.arch_betas)  # type: ignore[assignment]
-        if not (self.rank == "search" or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0)):
-            raise ConfigError(f"aiqvit rank must be 'search' or a positive integer, got {self.rank!r}")
-        choices = {
-            "placement": ("merged", "side"),
-            "rank_init": ("reinit", "warm"),
-            "dfq_init": ("max", "mse"),
-            "dfq_below": ("b1", "zero"),
-            "loss": ("mse", "fro"),
-            "input_source": ("quant", "fp"),
-            "reparam": ("after", "before", "none"),
-            "softmax_quantizer": SOFTMAX_QUANTIZERS,
-            "device": ("auto", "cpu", "cuda"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"aiqvit {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if not (self.rank == "search" or (isinstance(self.rank, int) and self.rank > 0)):
+            raise ConfigError(f"method.rank={self.rank!r}: must be 'search' or a positive integer")
+        check_post_softmax(self.softmax_quantizer, "aiqvit")
         if self.placement == "side" and self.reparam == "after":
             raise ConfigError("aiqvit placement=side cannot be combined with reparam=after (the FP branch would need reparameterizing)")
         if not 0.0 < self.search_val_fraction < 1.0:
@@ -132,45 +115,34 @@ class AIQViTConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"aiqvit {key} must be >= 1")
 
-    def fingerprint(self, bits: BitWidth) -> dict[str, Any]:
-        """What determines a block's result (for resume checks): everything but bookkeeping options."""
-        skip = {"device", "state_dir", "progress"}
-        values = {k: v for k, v in asdict(self).items() if k not in skip}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()} | {"bits": [bits.w, bits.a]}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("aiqvit device=cuda requested but CUDA is not available")
-    return torch.device(name)
+    def fingerprint(self, bits: BitWidth, seed: int) -> dict[str, Any]:
+        """What determines a block's result (for resume checks): everything but runtime options."""
+        values = {k: v for k, v in asdict(self).items() if k not in runtime_fields(AIQViTOptions)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()} | {"bits": [bits.w, bits.a], "seed": seed}
 
 
 @METHODS.register("aiqvit")
 class AIQViT(Method):
     name = "aiqvit"
+    Options = AIQViTOptions
 
-    def __init__(self, bits: BitWidth, **options: Any) -> None:
-        super().__init__(bits)
-        try:
-            self.config = AIQViTConfig(**options)
-        except TypeError as err:
-            raise ConfigError(f"method 'aiqvit': {err}") from None
+    def __init__(self, bits: BitWidth, options: AIQViTOptions, seed: int = 0, progress: bool = False) -> None:
+        super().__init__(bits, options, seed, progress)
         self.ranks: dict[str, int] = {}  # chosen rank per linear layer
         self.block_errors: dict[str, tuple[float, float]] = {}  # block → (MSE before, MSE after)
 
+    def needs(self) -> frozenset[str]:
+        return frozenset({"blocks"} if self.options.reparam == "none" else {"blocks", "layernorm_pairs"})
+
     # ---------------------------------------------------------------- quantizers
     def make_quantizer(self, site: QuantSite) -> Optional[Quantizer]:
-        cfg = self.config
+        cfg = self.options
         if site.is_weight:
             return UniformQuantizer(self.bits.w, granularity="channel", channel_dim=0, observer=cfg.weight_observer)
         if site.role == "post_softmax":
-            if cfg.softmax_quantizer == "dfq":
-                return DynamicFocusingQuantizer(self.bits.a, init=cfg.dfq_init, below=cfg.dfq_below)
-            if cfg.softmax_quantizer != "uniform":
-                return QUANTIZERS.get(cfg.softmax_quantizer)(self.bits.a)
+            uniform = {"granularity": "tensor", "observer": cfg.act_observer}
+            dfq = {"init": cfg.dfq_init, "below": cfg.dfq_below}
+            return post_softmax_quantizer(cfg.softmax_quantizer, self.bits.a, {"uniform": uniform, "dfq": dfq})
         bits = self.bits.a
         if site.role == "patch_embed" and cfg.patch_embed_input_bits is not None:
             bits = cfg.patch_embed_input_bits
@@ -180,33 +152,28 @@ class AIQViT(Method):
         )
 
     # ---------------------------------------------------------------- pipeline
-    def quantize(self, model: nn.Module, calib_images: torch.Tensor) -> nn.Module:
-        cfg = self.config
-        device = resolve_device(cfg.device)
-        home = next(model.parameters()).device
+    def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        cfg = self.options
         model.eval()
-        fp_model = copy.deepcopy(model).to(device).eval()  # model.eval(): no dropout / stochastic depth anywhere
+        fp_model = copy.deepcopy(model).eval()  # model.eval(): no dropout / stochastic depth anywhere
         for p in fp_model.parameters():
             p.requires_grad_(False)
         prepare_(model, self.make_quantizer)
-        model.to(device)
-        images = calib_images.to(device)
-        init_images = images[: cfg.init_size]
         with torch.no_grad(), calibrating(model):
-            model(init_images)
+            data.run(model, limit=cfg.init_size)
         if cfg.reparam == "before":
             self._reparameterize(model)
         flags = {p: p.requires_grad for p in model.parameters()}
         for p in flags:
             p.requires_grad_(False)
         try:
-            self._reconstruct(model, fp_model, images)
+            self._reconstruct(model, fp_model, data)
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
         if cfg.reparam == "after":
             self._reparameterize(model)
-        return model.to(home)
+        return model
 
     @staticmethod
     def _reparameterize(model: nn.Module) -> None:
@@ -216,21 +183,21 @@ class AIQViT(Method):
             for linear in reparameterize_layernorm_(model, mean_target):
                 linear.quantized_weight()
 
-    def _reconstruct(self, model: nn.Module, fp_model: nn.Module, images: torch.Tensor) -> None:
-        cfg = self.config
+    def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData) -> None:
+        cfg = self.options
         fp_blocks = dict(find_blocks(fp_model))
         blocks = find_blocks(model)
-        store = None if cfg.state_dir is None else BlockStateStore(cfg.state_dir, self._fingerprint(fp_model, images))
-        bar = tqdm(blocks, desc="AIQViT blocks", disable=not cfg.progress)
+        store = None if cfg.state_dir is None else BlockStateStore(cfg.state_dir, self._fingerprint(fp_model, data))
+        bar = tqdm(blocks, desc="AIQViT blocks", disable=not self.progress)
         for index, (name, block) in enumerate(bar):
             if store is not None and store.has(name):
                 self._restore_block(store, name, block)
                 continue
-            fp_in = capture_block_inputs(fp_model, fp_blocks[name], images, cfg.batch_size)
+            fp_in = capture_block_inputs(fp_model, fp_blocks[name], data, cfg.batch_size)
             target = block_outputs(fp_blocks[name], fp_in, cfg.batch_size)
-            inputs = fp_in if cfg.input_source == "fp" else capture_block_inputs(model, block, images, cfg.batch_size)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-            everything = torch.arange(images.shape[0], device=images.device)
+            inputs = fp_in if cfg.input_source == "fp" else capture_block_inputs(model, block, data, cfg.batch_size)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            everything = torch.arange(inputs.shape[0], device=inputs.device)
             before = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
             ranks = self._optimize_block(name, block, inputs, target, generator)
             after = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
@@ -243,19 +210,16 @@ class AIQViT(Method):
             if store is not None:
                 store.save(name, block, {"ranks": ranks, "errors": [before, after]})
 
-    def _fingerprint(self, fp_model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
-        data = images.detach().double().cpu()  # device-independent
-        return self.config.fingerprint(self.bits) | {
+    def _fingerprint(self, fp_model: nn.Module, data: CalibrationData) -> dict[str, Any]:
+        return self.options.fingerprint(self.bits, self.seed) | {
             "fp_parameters_sha256": parameters_sha256(fp_model),  # saved blocks of another model are refused
-            "calib_shape": list(images.shape),
-            "calib_sum": data.sum().item(),
-            "calib_sq_sum": data.pow(2).sum().item(),
+            "calibration_sha256": data.fingerprint(),
         }
 
     def _restore_block(self, store: BlockStateStore, name: str, block: nn.Module) -> None:
         meta = store.meta(name)
         ranks: dict[str, int] = meta["ranks"]
-        if self.config.lowrank and self.config.placement == "side":  # the saved state includes the branches
+        if self.options.lowrank and self.options.placement == "side":  # the saved state includes the branches
             for layer_name, layer in self._block_linears(name, block):
                 branch = LowRankBranch(layer.out_features, layer.in_features, [ranks[layer_name]])
                 attach_lowrank_(layer, branch.to(layer.weight.device), "side")
@@ -275,7 +239,7 @@ class AIQViT(Method):
         self, name: str, block: nn.Module, inputs: torch.Tensor, target: torch.Tensor, generator: torch.Generator
     ) -> dict[str, int]:
         """Rank search (if any), then the block reconstruction; returns the chosen rank per linear layer."""
-        cfg = self.config
+        cfg = self.options
         ranks: dict[str, int] = {}
         groups: list[dict[str, Any]] = []
         if cfg.lowrank:
@@ -306,7 +270,7 @@ class AIQViT(Method):
             )
             reconstruct_block(
                 block, inputs, target, [step], cfg.iters, cfg.batch_size, generator, cfg.loss,
-                desc=f"reconstruct {name}", progress=cfg.progress,
+                desc=f"reconstruct {name}", progress=self.progress,
             )  # fmt: skip
             for p in params:
                 p.requires_grad_(False)
@@ -316,7 +280,7 @@ class AIQViT(Method):
         self, name: str, block: nn.Module, inputs: torch.Tensor, target: torch.Tensor, generator: torch.Generator
     ) -> dict[str, int]:
         """Give every linear layer of the block its branch: searched (Eq. 11-14) or of the fixed rank."""
-        cfg = self.config
+        cfg = self.options
         linears = self._block_linears(name, block)
         candidates = cfg.candidate_ranks if cfg.rank == "search" else (int(cfg.rank),)
         for _, layer in linears:
@@ -333,7 +297,7 @@ class AIQViT(Method):
 
     def _search(self, name: str, block: nn.Module, inputs: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> None:
         """First-order DARTS: alternate a Θ step on D_train and an α step on D_val (Eq. 13-14)."""
-        cfg = self.config
+        cfg = self.options
         theta, alpha = branch_parameters(block), architecture_parameters(block)
         for p in theta + alpha:
             p.requires_grad_(True)
@@ -361,7 +325,7 @@ class AIQViT(Method):
             branch.train()  # drop-path on; the rest of the block stays in eval mode
         reconstruct_block(
             block, inputs, target, steps, cfg.search_iters, cfg.batch_size, generator, cfg.loss,
-            desc=f"rank search {name}", progress=cfg.progress,
+            desc=f"rank search {name}", progress=self.progress,
         )  # fmt: skip
         for branch in branches:
             branch.eval()

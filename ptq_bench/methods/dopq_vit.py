@@ -4,8 +4,8 @@ per-tensor scale of reparameterized post-LayerNorm activations, and block-wise r
 No official code exists and the method section could not be read; docs/methods/dopq_vit.md separates what the
 sources establish from the harness choices below. Recipe:
 
-1. quantizers as in RepQ-ViT (:class:`ptq_bench.methods.repq_vit.RepQViT`), except the post-Softmax map
-   (``softmax_quantizer``: tanq | log2 | log_sqrt2 | uniform);
+1. quantizers as in RepQ-ViT (:func:`ptq_bench.methods.repq_vit.repq_quantizer`), except the post-Softmax map
+   (``softmax_quantizer``: tanq, or any other post-Softmax quantizer of the registry);
 2. one calibration forward on the first ``init_calib_size`` images (RepQ-ViT's 32), TanQ choosing its shape;
 3. post-LayerNorm reparameterization with ``scale_factor`` (mosf | mean | median) and ``compensation``
    (mad | all | none; :mod:`ptq_bench.transforms.mosf`), then refitting the edited weight quantizers;
@@ -16,97 +16,95 @@ sources establish from the harness choices below. Recipe:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
+from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, BitWidth, Method
-from ptq_bench.methods.repq_vit import RepQViT
-from ptq_bench.models import QuantSite, calibrating, prepare_, set_quantizers_enabled
+from ptq_bench.methods.repq_vit import repq_quantizer
+from ptq_bench.models import QuantSite, calibrating, find_blocks, prepare_, set_quantizers_enabled
 from ptq_bench.quant import Quantizer, UniformQuantizer
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
-from ptq_bench.quant.tanq import DEFAULT_ALPHAS, DEFAULT_CENTERS, TanQuantizer
-from ptq_bench.transforms.mosf import DEFAULT_KAPPA, mosf_reparameterize_
-from ptq_bench.transforms.reconstruction import ReconStep, block_outputs, capture_block_inputs, find_blocks, reconstruct_block
+from ptq_bench.quant.registry import check_post_softmax
+from ptq_bench.quant.tanq import TanQuantizer
+from ptq_bench.transforms.mosf import mosf_reparameterize_
+from ptq_bench.transforms.reconstruction import ReconStep, block_outputs, capture_block_inputs, reconstruct_block
 
-SOFTMAX_QUANTIZERS = ("tanq", "log2", "log_sqrt2", "uniform")
-SCALE_FACTORS = ("mosf", "mean", "median")
-COMPENSATIONS = ("mad", "all", "none")
+
+@dataclass(frozen=True)
+class DopQViTOptions:
+    """conf/method/dopq_vit.yaml gives every value and its source."""
+
+    softmax_quantizer: str
+    scale_factor: Literal["mosf", "mean", "median"]
+    compensation: Literal["mad", "all", "none"]
+    kappa: float
+    tanq_alphas: tuple[float, ...]
+    tanq_centers: tuple[float, ...]
+    tanq_granularity: Literal["tensor", "head"]
+    init_calib_size: int
+    reconstruction: bool
+    iters: int
+    batch_size: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        if self.init_calib_size < 1 or self.iters < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("dopq_vit: init_calib_size and batch_size must be >= 1, iters >= 0 and lr > 0")
 
 
 @METHODS.register("dopq_vit")
 class DopQViT(Method):
     name = "dopq_vit"
+    Options = DopQViTOptions
 
-    def __init__(
-        self,
-        bits: BitWidth,
-        softmax_quantizer: str = "tanq",
-        scale_factor: str = "mosf",
-        compensation: str = "all",
-        kappa: float = DEFAULT_KAPPA,
-        tanq_alphas: Sequence[float] = DEFAULT_ALPHAS,
-        tanq_centers: Sequence[float] = DEFAULT_CENTERS,
-        tanq_granularity: str = "tensor",
-        init_calib_size: int = 32,
-        reconstruction: bool = True,
-        iters: int = 1000,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        seed: int = 0,
-        progress: bool = True,
-    ) -> None:
-        super().__init__(bits)
-        for option, value, allowed in (
-            ("softmax_quantizer", softmax_quantizer, SOFTMAX_QUANTIZERS),
-            ("scale_factor", scale_factor, SCALE_FACTORS),
-            ("compensation", compensation, COMPENSATIONS),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"dopq_vit: {option} must be one of {', '.join(allowed)}, got {value!r}")
-        if init_calib_size < 1 or iters < 0 or batch_size < 1 or lr <= 0:
-            raise ConfigError("dopq_vit: init_calib_size and batch_size must be >= 1, iters >= 0 and lr > 0")
-        self.softmax_quantizer = softmax_quantizer
-        self.scale_factor, self.compensation, self.kappa = scale_factor, compensation, float(kappa)
-        self.tanq_options = {"alphas": tuple(tanq_alphas), "centers": tuple(tanq_centers), "granularity": tanq_granularity}
+    def __init__(self, bits: BitWidth, options: DopQViTOptions, seed: int = 0, progress: bool = False) -> None:
+        super().__init__(bits, options, seed, progress)
+        check_post_softmax(options.softmax_quantizer, self.name)
+        self.tanq_options = {"alphas": options.tanq_alphas, "centers": options.tanq_centers, "granularity": options.tanq_granularity}
         TanQuantizer(2, **self.tanq_options)  # validate the TanQ options now, not mid-calibration
-        self.init_calib_size = init_calib_size
-        self.reconstruction, self.iters, self.batch_size, self.lr = reconstruction, iters, batch_size, lr
-        self.seed, self.progress = seed, progress
-        self.repq = RepQViT(bits, softmax_quantizer="log_sqrt2" if softmax_quantizer == "tanq" else softmax_quantizer)
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({"layernorm_pairs", "blocks"} if self.reconstructs else {"layernorm_pairs"})
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.options.reconstruction and self.options.iters > 0
 
     def make_quantizer(self, site: QuantSite) -> Quantizer:
-        if site.role == "post_softmax" and self.softmax_quantizer == "tanq":
-            return TanQuantizer(self.bits.a, **self.tanq_options)
-        return self.repq.make_quantizer(site)
+        return repq_quantizer(site, self.bits, self.options.softmax_quantizer, {"tanq": self.tanq_options})
 
-    def quantize(self, model: nn.Module, calib_images: torch.Tensor) -> nn.Module:
+    def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        o = self.options
         prepare_(model, self.make_quantizer)
         with torch.no_grad(), calibrating(model):
-            model(calib_images[: self.init_calib_size])
-            for linear in mosf_reparameterize_(model, self.scale_factor, self.compensation, self.kappa):  # type: ignore[arg-type]
+            data.run(model, limit=o.init_calib_size)
+            for linear in mosf_reparameterize_(model, o.scale_factor, o.compensation, o.kappa):
                 linear.quantized_weight()  # refit the reset weight quantizer on the reparameterized weight
-        if self.reconstruction and self.iters > 0:
-            self.reconstruct_(model, calib_images)
+        if self.reconstructs:
+            self.reconstruct_(model, data)
         model.eval()
         return model
 
-    def reconstruct_(self, model: nn.Module, images: torch.Tensor) -> None:
+    def reconstruct_(self, model: nn.Module, data: CalibrationData) -> None:
         """Block-wise reconstruction of the uniform quantizers' step sizes, block after block."""
+        o = self.options
         generator = torch.Generator().manual_seed(self.seed)
         blocks = find_blocks(model)
         for index, (name, block) in enumerate(blocks):
             set_quantizers_enabled(model, False)  # FP target: FP block on the FP model's block input
-            target = block_outputs(block, capture_block_inputs(model, block, images, self.batch_size), self.batch_size)
+            target = block_outputs(block, capture_block_inputs(model, block, data, o.batch_size), o.batch_size)
             set_quantizers_enabled(model, True)
-            inputs = capture_block_inputs(model, block, images, self.batch_size)
+            inputs = capture_block_inputs(model, block, data, o.batch_size)
             with _learnable_step_sizes(block) as groups:
-                optimizer = torch.optim.Adam([{"params": [s], "lr": self.lr * unit} for s, unit in groups])
-                step = ReconStep(optimizer, torch.arange(images.shape[0]), before=lambda: _keep_positive(groups))
+                optimizer = torch.optim.Adam([{"params": [s], "lr": o.lr * unit} for s, unit in groups])
+                step = ReconStep(optimizer, torch.arange(len(data)), before=lambda: _keep_positive(groups))
                 desc = f"dopq recon {index + 1}/{len(blocks)} {name}"
-                reconstruct_block(block, inputs, target, [step], self.iters, self.batch_size, generator, desc=desc, progress=self.progress)
+                reconstruct_block(block, inputs, target, [step], o.iters, o.batch_size, generator, desc=desc, progress=self.progress)
 
 
 def _keep_positive(groups: list[tuple[torch.Tensor, float]]) -> None:

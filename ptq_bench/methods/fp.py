@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from ptq_bench.calibration import CalibrationData
 from ptq_bench.methods.base import METHODS, Method
 
 
@@ -14,5 +14,5 @@ class FullPrecision(Method):
     uses_bits = False
     uses_calibration = False
 
-    def quantize(self, model: nn.Module, calib_images: torch.Tensor) -> nn.Module:
+    def _quantize(self, model: nn.Module, data: CalibrationData | None) -> nn.Module:
         return model

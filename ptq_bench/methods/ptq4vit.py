@@ -44,14 +44,21 @@ Two speed-ups do not change the result:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal
 
-import torch
 from torch import nn
 
+from ptq_bench.architectures import architecture_for
+from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
-from ptq_bench.methods.base import METHODS, BitWidth, Method
-from ptq_bench.methods.ptq4vit_capture import Recording, capture_groups, record_layers, soft_targets
+from ptq_bench.methods.base import METHODS, Method
+from ptq_bench.methods.options import runtime
+from ptq_bench.methods.ptq4vit_capture import (
+    Recording,
+    capture_groups,
+    record_layers,
+    soft_targets,
+)
 from ptq_bench.methods.ptq4vit_search import (
     SearchSettings,
     search_conv,
@@ -59,19 +66,16 @@ from ptq_bench.methods.ptq4vit_search import (
     search_matmul,
 )
 from ptq_bench.models import QuantSite, prepare_
-from ptq_bench.models.attention import QuantAttention, QuantWindowAttention
 from ptq_bench.quant import Quantizer, UniformQuantizer
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ptq_bench.quant.twin_uniform import TwinGeluQuantizer, TwinSoftmaxQuantizer
 
-METRICS = ("hessian", "cosine")
-
 
 @dataclass(frozen=True)
 class PTQ4ViTOptions:
-    """Every option of the method (conf/method/ptq4vit.yaml and base_ptq.yaml list them all)."""
+    """Every option of the method (conf/method/ptq4vit.yaml and base_ptq.yaml give the values)."""
 
-    metric: str
+    metric: Literal["hessian", "cosine"]
     eq_alpha: float
     eq_beta: float
     eq_n: int
@@ -81,16 +85,14 @@ class PTQ4ViTOptions:
     twin_gelu: bool
     conv_channelwise: bool
     grad_batch_size: int
-    capture_mb: int
-    search_chunk_mb: int
+    capture_mb: int = runtime()
+    search_chunk_mb: int = runtime()
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ConfigError(f"unknown PTQ4ViT metric '{self.metric}' ({', '.join(METRICS)})")
         if not 0 <= self.eq_alpha < self.eq_beta:
             raise ConfigError(f"need 0 <= eq_alpha < eq_beta, got {self.eq_alpha}, {self.eq_beta}")
         for key in ("eq_n", "search_round", "n_split", "grad_batch_size", "capture_mb", "search_chunk_mb"):
-            if int(getattr(self, key)) < 1:
+            if getattr(self, key) < 1:
                 raise ConfigError(f"PTQ4ViT option {key} must be >= 1, got {getattr(self, key)}")
 
 
@@ -99,39 +101,18 @@ class PTQ4ViT(Method):
     """Twin-uniform quantization and Hessian-guided scale search (configs/PTQ4ViT.py)."""
 
     name = "ptq4vit"
-
-    def __init__(
-        self,
-        bits: BitWidth,
-        metric: str = "hessian",
-        eq_alpha: float = 0.01,
-        eq_beta: float = 1.2,
-        eq_n: int = 100,
-        search_round: int = 3,
-        n_split: int = 20,
-        twin_softmax: bool = True,
-        twin_gelu: bool = True,
-        conv_channelwise: bool = True,
-        grad_batch_size: int = 4,
-        capture_mb: int = 1024,
-        search_chunk_mb: int = 512,
-    ) -> None:
-        super().__init__(bits)
-        self.options = PTQ4ViTOptions(
-            metric, float(eq_alpha), float(eq_beta), int(eq_n), int(search_round), int(n_split), bool(twin_softmax),
-            bool(twin_gelu), bool(conv_channelwise), int(grad_batch_size), int(capture_mb), int(search_chunk_mb),
-        )  # fmt: skip
+    Options = PTQ4ViTOptions
 
     # ------------------------------------------------------------------------------------------ quantizers
 
-    def make_quantizer(self, site: QuantSite) -> Optional[Quantizer]:
+    def make_quantizer(self, site: QuantSite) -> Quantizer | None:
         """Quantizer of one site, created disabled (the model stays FP until every layer is searched)."""
         quantizer = self._quantizer_for(site)
         if quantizer is not None:
             quantizer.enabled = False
         return quantizer
 
-    def _quantizer_for(self, site: QuantSite) -> Optional[Quantizer]:
+    def _quantizer_for(self, site: QuantSite) -> Quantizer | None:
         w, a = self.bits.w, self.bits.a
         if site.is_weight:
             return UniformQuantizer(w, symmetric=True, granularity="channel", channel_dim=0)
@@ -147,13 +128,15 @@ class PTQ4ViT(Method):
 
     # ------------------------------------------------------------------------------------------ pipeline
 
-    def quantize(self, model: nn.Module, calib_images: torch.Tensor) -> nn.Module:
+    def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        need_grad = self.options.metric == "hessian"
+        if need_grad and not data.logits:
+            raise ConfigError(f"{self.name} metric=hessian needs a task whose forward returns class logits (use metric=cosine)")
         model.eval()
+        qkv = {id(m) for m in architecture_for(model).qkv_linears(model)}
         prepare_(model, self.make_quantizer)
         layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))]
-        qkv = {id(m.qkv) for m in model.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))}
-        need_grad = self.options.metric == "hessian"
-        targets = soft_targets(model, calib_images) if need_grad else None
+        targets = soft_targets(model, data) if need_grad else None
         settings = SearchSettings(
             metric=self.options.metric,
             eq_alpha=self.options.eq_alpha,
@@ -163,8 +146,8 @@ class PTQ4ViT(Method):
             n_split=self.options.n_split,
             chunk_numel=self.options.search_chunk_mb * 2**20 // 4,
         )
-        for group in capture_groups(model, layers, calib_images, self.options.capture_mb):
-            records = record_layers(model, group, calib_images, targets, self.options.grad_batch_size)
+        for group in capture_groups(model, layers, data, self.options.capture_mb):
+            records = record_layers(model, group, data, targets, self.options.grad_batch_size)
             for name, layer in group:
                 self._calibrate_layer(layer, records.pop(name), settings, groups=3 if id(layer) in qkv else 1)
         for _, layer in layers:
@@ -184,28 +167,7 @@ class PTQ4ViT(Method):
 
 @METHODS.register("base_ptq")
 class BasePTQ(PTQ4ViT):
-    """The paper's Base PTQ (configs/BasePTQ.py): same parallel search, no twin grids, layer-wise conv weight,
-    cosine metric, α = 0.5, β = 1.2, one round."""
+    """The paper's Base PTQ (configs/BasePTQ.py): same parallel search and options, with its own YAML (no twin
+    grids, layer-wise conv weight, cosine metric, α = 0.5, β = 1.2, one round)."""
 
     name = "base_ptq"
-
-    def __init__(
-        self,
-        bits: BitWidth,
-        metric: str = "cosine",
-        eq_alpha: float = 0.5,
-        eq_beta: float = 1.2,
-        eq_n: int = 100,
-        search_round: int = 1,
-        n_split: int = 20,
-        twin_softmax: bool = False,
-        twin_gelu: bool = False,
-        conv_channelwise: bool = False,
-        grad_batch_size: int = 4,
-        capture_mb: int = 1024,
-        search_chunk_mb: int = 512,
-    ) -> None:
-        super().__init__(
-            bits, metric, eq_alpha, eq_beta, eq_n, search_round, n_split, twin_softmax, twin_gelu, conv_channelwise,
-            grad_batch_size, capture_mb, search_chunk_mb,
-        )  # fmt: skip

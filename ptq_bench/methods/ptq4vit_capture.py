@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptq_bench.calibration import CalibrationData
+
 NamedLayer = tuple[str, nn.Module]
 
 
@@ -39,13 +41,13 @@ class Recording:
         return torch.cat(self.grads, dim=0) if self.grads else None
 
 
-def soft_targets(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def soft_targets(model: nn.Module, data: CalibrationData) -> torch.Tensor:
     """FP softmax over the whole calibration set in one forward pass (the official ``raw_pred_softmax``)."""
     with torch.no_grad():
-        return F.softmax(model(images), dim=-1)
+        return F.softmax(data.forward(model, data.batch(0, len(data))), dim=-1)
 
 
-def _bytes_per_image(model: nn.Module, layers: list[NamedLayer], image: torch.Tensor) -> dict[str, int]:
+def _bytes_per_image(model: nn.Module, layers: list[NamedLayer], data: CalibrationData) -> dict[str, int]:
     """Bytes one image adds to each layer's recording (inputs, output and output gradient)."""
     sizes: dict[str, int] = {}
 
@@ -59,21 +61,21 @@ def _bytes_per_image(model: nn.Module, layers: list[NamedLayer], image: torch.Te
     handles = [m.register_forward_hook(hook(name)) for name, m in layers]
     try:
         with torch.no_grad():
-            model(image)
+            data.forward(model, data.batch(0, 1))
     finally:
         for h in handles:
             h.remove()
     return sizes
 
 
-def capture_groups(model: nn.Module, layers: list[NamedLayer], images: torch.Tensor, capture_mb: int) -> Iterator[list[NamedLayer]]:
-    """Consecutive groups of layers whose recordings over ``images`` fit in ``capture_mb`` (at least one layer)."""
-    sizes = _bytes_per_image(model, layers, images[:1])
+def capture_groups(model: nn.Module, layers: list[NamedLayer], data: CalibrationData, capture_mb: int) -> Iterator[list[NamedLayer]]:
+    """Consecutive groups of layers whose recordings over ``data`` fit in ``capture_mb`` (at least one layer)."""
+    sizes = _bytes_per_image(model, layers, data)
     budget = capture_mb * 2**20
     group: list[NamedLayer] = []
     used = 0
     for name, layer in layers:
-        need = sizes.get(name, 0) * images.shape[0]
+        need = sizes.get(name, 0) * len(data)
         if group and used + need > budget:
             yield group
             group, used = [], 0
@@ -86,11 +88,11 @@ def capture_groups(model: nn.Module, layers: list[NamedLayer], images: torch.Ten
 def record_layers(
     model: nn.Module,
     layers: list[NamedLayer],
-    images: torch.Tensor,
+    data: CalibrationData,
     targets: Optional[torch.Tensor],
     batch_size: int,
 ) -> dict[str, Recording]:
-    """Record ``layers`` over ``images`` in batches of ``batch_size``. When ``targets`` is given, also record the
+    """Record ``layers`` over ``data`` in batches of ``batch_size``. When ``targets`` is given, also record the
     gradient of the KL loss w.r.t. each output (a backward pass per batch)."""
     records = {name: Recording() for name, _ in layers}
 
@@ -109,14 +111,13 @@ def record_layers(
     try:
         for p in params:
             p.requires_grad_(targets is not None)
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size]
+        for start, batch in zip(range(0, len(data), batch_size), data.batches(batch_size)):
             if targets is None:
                 with torch.no_grad():
-                    model(batch)
+                    data.forward(model, batch)
                 continue
             with torch.enable_grad():  # callers may quantize under no_grad
-                logits = model(batch)
+                logits = data.forward(model, batch)
                 loss = F.kl_div(F.log_softmax(logits, dim=-1), targets[start : start + batch_size], reduction="batchmean")
                 loss.backward()
     finally:

@@ -23,51 +23,66 @@ elements (old torch; Swin stage-1 activations with 32 images). torch 2.14, which
 raises, so the fallback is dead code there. Checked against the official code with ``python -m
 ptq_bench.compare``: every quantizer parameter and the quantized logits of deit_tiny W4A4/W6A6 are bit-identical.
 
-Option ``softmax_quantizer`` (log_sqrt2 | log2 | uniform) swaps the post-Softmax quantizer for the paper's
-ablation (Sec. 5.3); ``uniform`` is the per-tensor percentile-searched uniform quantizer.
+Option ``softmax_quantizer`` (any post-Softmax quantizer of the registry: log_sqrt2, log2, uniform, ...) swaps the
+post-Softmax quantizer for the paper's ablation (Sec. 5.3); ``uniform`` is the per-tensor percentile-searched
+uniform quantizer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ptq_bench.errors import ConfigError
+from ptq_bench.calibration import CalibrationData
 from ptq_bench.methods.base import METHODS, BitWidth, Method
 from ptq_bench.models import QuantSite, calibrating, prepare_
-from ptq_bench.quant import QUANTIZERS, Quantizer, UniformQuantizer
+from ptq_bench.quant import Quantizer, UniformQuantizer
+from ptq_bench.quant.registry import check_post_softmax, post_softmax_quantizer
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
 
 #: The patch-embedding input is always quantized at 8 bits (quant_modules.py, ``QuantConv2d``).
 PATCH_EMBED_INPUT_BITS = 8
-SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
+
+
+@dataclass(frozen=True)
+class RepQViTOptions:
+    softmax_quantizer: str
+
+
+def repq_quantizer(site: QuantSite, bits: BitWidth, softmax_quantizer: str, softmax_options: dict | None = None) -> Quantizer:
+    """RepQ-ViT's quantizer of one site, with ``softmax_quantizer`` on the post-Softmax map (DopQ-ViT reuses it)."""
+    if site.is_weight:
+        return UniformQuantizer(bits.w, granularity="channel", channel_dim=0, observer="percentile")
+    if site.role == "post_layernorm":
+        return UniformQuantizer(bits.a, granularity="channel", channel_dim=-1, observer="percentile")
+    if site.role == "post_softmax":
+        uniform = {"granularity": "tensor", "observer": "percentile"}
+        return post_softmax_quantizer(softmax_quantizer, bits.a, {"uniform": uniform, **(softmax_options or {})})
+    return UniformQuantizer(PATCH_EMBED_INPUT_BITS if site.role == "patch_embed" else bits.a, granularity="tensor", observer="percentile")
 
 
 @METHODS.register("repq_vit")
 class RepQViT(Method):
     name = "repq_vit"
+    Options = RepQViTOptions
 
-    def __init__(self, bits: BitWidth, softmax_quantizer: str = "log_sqrt2") -> None:
-        super().__init__(bits)
-        if softmax_quantizer not in SOFTMAX_QUANTIZERS:
-            raise ConfigError(f"softmax_quantizer must be one of {', '.join(SOFTMAX_QUANTIZERS)}, got {softmax_quantizer!r}")
-        self.softmax_quantizer = softmax_quantizer
+    def __init__(self, bits: BitWidth, options: RepQViTOptions, seed: int = 0, progress: bool = False) -> None:
+        super().__init__(bits, options, seed, progress)
+        check_post_softmax(options.softmax_quantizer, self.name)
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({"layernorm_pairs"})
 
     def make_quantizer(self, site: QuantSite) -> Quantizer:
-        if site.is_weight:
-            return UniformQuantizer(self.bits.w, granularity="channel", channel_dim=0, observer="percentile")
-        if site.role == "post_layernorm":
-            return UniformQuantizer(self.bits.a, granularity="channel", channel_dim=-1, observer="percentile")
-        if site.role == "post_softmax" and self.softmax_quantizer != "uniform":
-            return QUANTIZERS.get(self.softmax_quantizer)(self.bits.a)
-        bits = PATCH_EMBED_INPUT_BITS if site.role == "patch_embed" else self.bits.a
-        return UniformQuantizer(bits, granularity="tensor", observer="percentile")
+        return repq_quantizer(site, self.bits, self.options.softmax_quantizer)
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calib_images: torch.Tensor) -> nn.Module:
+    def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         prepare_(model, self.make_quantizer)
         with calibrating(model):
-            model(calib_images)
+            data.run(model)  # one forward of the whole calibration set, as the official code does
             for linear in reparameterize_layernorm_(model, mean_target):
                 linear.quantized_weight()  # refits the reset weight quantizer on the reparameterized weight
         return model

@@ -1,10 +1,11 @@
-"""Model adapters: building timm models from config and swapping in quantizable modules."""
+"""Building models from config and swapping in quantizable modules (through the architecture adapters)."""
 
 from ptq_bench.models.prepare import (
     ROLES,
     NormLinearPair,
     QuantSite,
     calibrating,
+    find_blocks,
     layernorm_linear_pairs,
     named_quantizers,
     prepare_,
@@ -16,6 +17,7 @@ __all__ = [
     "NormLinearPair",
     "QuantSite",
     "calibrating",
+    "find_blocks",
     "layernorm_linear_pairs",
     "named_quantizers",
     "prepare_",

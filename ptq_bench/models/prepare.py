@@ -1,8 +1,8 @@
-"""Eager module swapping for timm ViT / DeiT / Swin: where each quantizer goes and what role it plays.
+"""Eager module swapping: where each quantizer goes and what role it plays.
 
-``prepare_(model, factory)`` converts in place every ``nn.Linear`` (qkv, proj, fc1, fc2, head, Swin patch-merging
-reduction), every ``nn.Conv2d`` (the patch embedding) and every attention module, asking ``factory`` for the
-quantizer of each *site*. A site's role tells a method what tensor it quantizes, so a method can put a special
+``prepare_(model, factory)`` converts in place every ``nn.Linear``, every ``nn.Conv2d`` and every attention module
+of the model's architecture adapter (:mod:`ptq_bench.architectures`), asking ``factory`` for the quantizer of each
+*site*. A site's role (from the adapter) tells a method what tensor it quantizes, so a method can put a special
 quantizer on the post-Softmax map or on post-LayerNorm / post-GELU inputs.
 """
 
@@ -12,13 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from timm.layers import Attention, Mlp
-from timm.models.swin_transformer import PatchMerging, WindowAttention
 from torch import nn
 
-from ptq_bench.models.attention import QuantAttention, QuantWindowAttention
+from ptq_bench.architectures import NormLinearPair, architecture_for
 from ptq_bench.quant.base import Quantizer
-from ptq_bench.quant.layers import QuantConv2d, QuantLinear
+from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 
 #: Roles of quantization sites. ``weight`` is a layer's weight; the others are activations.
 ROLES = (
@@ -57,27 +55,6 @@ class QuantSite:
 QuantizerFactory = Callable[[QuantSite], Optional[Quantizer]]
 
 
-def _input_roles(model: nn.Module) -> dict[int, str]:
-    """Map ``id(layer)`` to the role of its input, from the timm module structure."""
-    roles: dict[int, str] = {}
-    for module in model.modules():
-        if isinstance(module, (Attention, WindowAttention)):
-            roles[id(module.qkv)] = "post_layernorm"
-            roles[id(module.proj)] = "attn_proj"
-        elif isinstance(module, Mlp):
-            roles[id(module.fc1)] = "post_layernorm"
-            roles[id(module.fc2)] = "post_gelu"
-        elif isinstance(module, PatchMerging):
-            roles[id(module.reduction)] = "post_layernorm"
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier) and isinstance(get_classifier(), nn.Linear):
-        roles[id(get_classifier())] = "head"
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and isinstance(getattr(patch_embed, "proj", None), nn.Conv2d):
-        roles[id(patch_embed.proj)] = "patch_embed"
-    return roles
-
-
 def _make(factory: QuantizerFactory, site: QuantSite) -> Optional[Quantizer]:
     quantizer = factory(site)
     if quantizer is not None:
@@ -89,11 +66,16 @@ def _make(factory: QuantizerFactory, site: QuantSite) -> Optional[Quantizer]:
 
 
 def prepare_(model: nn.Module, factory: QuantizerFactory) -> nn.Module:
-    """Swap in quantizable layers and attention, in place; ``factory`` returns a quantizer or None per site."""
-    roles = _input_roles(model)
+    """Swap in quantizable layers and attention, in place; ``factory`` returns a quantizer or None per site.
+
+    The model's architecture adapter gives the roles and the attention swap; a model no adapter recognises is
+    refused (one line) before anything is changed."""
+    if any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules()):
+        raise ValueError("model is already prepared")
+    adapter = architecture_for(model)
+    roles = adapter.input_roles(model)
+    attention = {id(m) for _, m in adapter.attention_modules(model)}
     for name, module in list(model.named_modules()):
-        if isinstance(module, (QuantLinear, QuantConv2d, QuantAttention, QuantWindowAttention)):
-            raise ValueError(f"model is already prepared ({name})")
         if isinstance(module, nn.Linear):
             role = roles.get(id(module), "linear")
             QuantLinear.convert_(
@@ -108,8 +90,8 @@ def prepare_(model: nn.Module, factory: QuantizerFactory) -> nn.Module:
                 _make(factory, QuantSite(name, "weight", module)),
                 _make(factory, QuantSite(name, role, module)),
             )
-        elif isinstance(module, (Attention, WindowAttention)):
-            converted = (QuantAttention if isinstance(module, Attention) else QuantWindowAttention).convert_(module)
+        elif id(module) in attention:
+            converted = adapter.convert_attention(module)
             converted.matmul1.quantizer_a = _make(factory, QuantSite(f"{name}.matmul1", "query", module))
             converted.matmul1.quantizer_b = _make(factory, QuantSite(f"{name}.matmul1", "key", module))
             converted.matmul2.quantizer_a = _make(factory, QuantSite(f"{name}.matmul2", "post_softmax", module))
@@ -117,29 +99,14 @@ def prepare_(model: nn.Module, factory: QuantizerFactory) -> nn.Module:
     return model
 
 
-@dataclass(frozen=True)
-class NormLinearPair:
-    """A LayerNorm whose output feeds ``linears`` directly (the pairs a scale reparameterization edits)."""
-
-    norm_name: str
-    norm: nn.LayerNorm
-    linears: tuple[nn.Linear, ...]
-
-
 def layernorm_linear_pairs(model: nn.Module) -> list[NormLinearPair]:
-    """norm1 → attn.qkv and norm2 → mlp.fc1 of every ViT/Swin block, and norm → reduction of patch merging."""
-    pairs: list[NormLinearPair] = []
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        attn, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
-        norm1, norm2 = getattr(module, "norm1", None), getattr(module, "norm2", None)
-        if isinstance(attn, (Attention, WindowAttention)) and isinstance(norm1, nn.LayerNorm):
-            pairs.append(NormLinearPair(prefix + "norm1", norm1, (attn.qkv,)))
-        if isinstance(mlp, Mlp) and isinstance(norm2, nn.LayerNorm):
-            pairs.append(NormLinearPair(prefix + "norm2", norm2, (mlp.fc1,)))
-        if isinstance(module, PatchMerging) and isinstance(module.norm, nn.LayerNorm):
-            pairs.append(NormLinearPair(prefix + "norm", module.norm, (module.reduction,)))
-    return pairs
+    """The norm → Linear pairs of the model's architecture (a scale reparameterization folds into them)."""
+    return architecture_for(model).layernorm_linear_pairs(model)
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks of the model's architecture, in forward order."""
+    return architecture_for(model).blocks(model)
 
 
 def named_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:

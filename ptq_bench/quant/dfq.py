@@ -34,6 +34,8 @@ MIN_WIDTH = 1e-4
 class DynamicFocusingQuantizer(Quantizer):
     """Uniform quantizer on a learnable sub-interval [b1, b2] of [0, 1], clamping outside (AIQViT Eq. 15)."""
 
+    post_softmax = True
+
     def __init__(self, bits: int, init: Init = "mse", below: Below = "b1", grid_size: int = 100) -> None:
         super().__init__(bits)
         if init not in ("max", "mse"):

@@ -32,6 +32,8 @@ from ptq_bench.quant.registry import QUANTIZERS
 class _LogQuantizer(Quantizer):
     """Shared part: the per-tensor scale ``scale`` (δ) and its percentile search."""
 
+    post_softmax = True
+
     #: exponent steps per octave: 1 for log2, 2 for log√2
     steps_per_octave: ClassVar[int]
     base: ClassVar[str]

@@ -79,6 +79,8 @@ class TanQuantizer(Quantizer):
     size of the candidates × values block evaluated at once.
     """
 
+    post_softmax = True
+
     def __init__(
         self,
         bits: int,

@@ -73,6 +73,8 @@ def twin_gelu_quant(x: torch.Tensor, interval: Param, bits: int) -> torch.Tensor
 class TwinSoftmaxQuantizer(Quantizer):
     """Post-Softmax twin-uniform quantizer; one split point per tensor (buffer ``split``)."""
 
+    post_softmax = True
+
     #: Split used when calibrated lazily (the official non-batching ``SoSPTQSLQuantMatMul`` initialisation).
     DEFAULT_SPLIT = 0.01
 

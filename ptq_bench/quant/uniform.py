@@ -25,6 +25,8 @@ class UniformQuantizer(Quantizer):
       * ``token``: dynamic min-max per token (every index except the last dimension), recomputed each call.
     """
 
+    post_softmax = True
+
     def __init__(
         self,
         bits: int,

@@ -1,4 +1,8 @@
-"""Published numbers: load ``results/published/published.csv`` and look up the number a run reproduces."""
+"""Published numbers: load ``results/published/published.csv`` and look up the number a run reproduces.
+
+Rows are keyed by the CSV's (task, metric), which :data:`METRIC_KEYS` maps from a record's (task, metric): every
+task's published rows are loaded, and a task adapter's metric finds its published counterpart here.
+"""
 
 from __future__ import annotations
 
@@ -19,20 +23,32 @@ METHOD_ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+#: (record task, record metric) -> (CSV task, CSV metric). COCO AP is recorded in percent, as papers print it.
+METRIC_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("classification", "top1"): ("cls", "top1"),
+    ("coco", "bbox_mAP"): ("det", "box_ap"),
+    ("coco", "segm_mAP"): ("seg", "mask_ap"),
+}
+COLUMNS = ["paper", "method", "model", "task", "dataset", "wbits", "abits", "metric", "value", "source"]
+
+
 def load_published(path: Path = DEFAULT_CSV) -> pd.DataFrame:
-    """The classification top-1 rows of the published CSV (empty frame if the file is absent)."""
+    """Every row of the published CSV, all tasks (empty frame if the file is absent)."""
     if not path.is_file():
-        return pd.DataFrame(columns=["paper", "method", "model", "wbits", "abits", "metric", "value", "source"])
-    frame = pd.read_csv(path)
-    return frame[(frame["task"] == "cls") & (frame["metric"] == "top1")]
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_csv(path)
 
 
-def published_value(table: pd.DataFrame, method: str, model: str, wbits: int | None, abits: int | None) -> tuple[float | None, str | None]:
-    """The published top-1 of harness ``method`` on ``model`` (its display name, e.g. "DeiT-T"), or (None, None)."""
-    if method not in METHOD_ALIASES:
+def published_value(
+    table: pd.DataFrame, task: str, metric: str, method: str, model: str, wbits: int | None, abits: int | None
+) -> tuple[float | None, str | None]:
+    """The published ``metric`` of harness ``method`` on ``model`` (its display name, e.g. "DeiT-T") for ``task``,
+    or (None, None) when none is filed."""
+    if method not in METHOD_ALIASES or (task, metric) not in METRIC_KEYS:
         return None, None
+    csv_task, csv_metric = METRIC_KEYS[(task, metric)]
     name, papers = METHOD_ALIASES[method]
-    rows = table[(table["method"] == name) & (table["model"] == model)]
+    rows = table[(table["task"] == csv_task) & (table["metric"] == csv_metric) & (table["method"] == name) & (table["model"] == model)]
     if wbits is None:
         rows = rows[(rows["wbits"] == 32) & (rows["abits"] == 32)]
     else:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: task adapters (primary_metric, method_label; code_version in run keys)
 
 
 def run_key(identity: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Block-wise reconstruction: fit a quantized transformer block's learnable parameters to its FP counterpart.
 
-Generic over what is learned (low-rank branches, quantizer ranges, architecture weights): a caller captures the
-block's inputs and FP targets (:func:`capture_block_inputs`, :func:`block_outputs`), builds one
+Generic over what is learned (low-rank branches, quantizer ranges, architecture weights): a caller finds the blocks
+through the architecture adapter (:func:`ptq_bench.models.find_blocks`), captures each block's inputs through the
+task's forward and its FP targets (:func:`capture_block_inputs`, :func:`block_outputs`), builds one
 :class:`ReconStep` per optimizer (each with its own pool of calibration samples), and calls
 :func:`reconstruct_block`. The loss is the BRECQ-style block output error (AIQViT Eq. 10: E_x ‖B_q(x) − B(x)‖).
 
@@ -20,33 +21,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
-from timm.layers import Attention, Mlp
-from timm.models.swin_transformer import WindowAttention
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.quant.base import Quantizer
 
 Loss = Literal["mse", "fro"]
 
 
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Transformer blocks in forward order: modules with an ``attn`` (timm Attention/WindowAttention) and an
-    ``mlp`` (timm Mlp); covers ViT/DeiT ``Block`` and Swin ``SwinTransformerBlock``."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "attn", None), (Attention, WindowAttention)) and isinstance(getattr(module, "mlp", None), Mlp)
-    ]
-
-
 class _StopForward(Exception):
     """Raised by a capture hook once the wanted input has been recorded."""
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The input of ``block`` for every image, running ``model`` only up to that block (no grad)."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, batch_size: int) -> torch.Tensor:
+    """The input of ``block`` for every calibration sample, running the task's forward only up to that block."""
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -58,13 +48,15 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, images: torch.Tenso
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for start in range(0, images.shape[0], batch_size):
+            for batch in data.batches(batch_size):
                 try:
-                    model(images[start : start + batch_size])
+                    data.forward(model, batch)
                 except _StopForward:
                     pass
     finally:
         handle.remove()
+    if len(captured) != len(range(0, len(data), batch_size)):
+        raise ConfigError(f"block {type(block).__name__} was not called by the task's forward")
     return torch.cat(captured)
 
 

@@ -1,0 +1,200 @@
+"""The harness: one run of (task, model, method, bits, seed), the same for every task.
+
+It owns what every task needs: reading the run's settings (bits, seed, device, calibration size), the run
+identity and its key, resume (a run whose key has a record is skipped), seeding, the device, timing, memory, the
+record and logging. Task specifics (model, data, forward, metric) come from the task adapter (:mod:`tasks`), the
+recipe from the method (:mod:`ptq_bench.methods`), which checks the model's architecture before any calibration.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptq_bench import __version__
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods import METHODS, BitWidth, Method, build_method
+from ptq_bench.results.environment import environment, peak_memory, start_memory_tracking
+from ptq_bench.results.store import SCHEMA_VERSION, RecordStore, run_key
+from ptq_bench.tracking import log_to_wandb
+
+log = logging.getLogger("ptq_bench")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run-wide settings every task shares, read and checked from the config before any work."""
+
+    bits: BitWidth
+    seed: int
+    device: torch.device
+    calib_size: int
+    progress: bool
+    force: bool
+
+
+def _integer(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: must be true or false")
+    return value
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda when available, else cpu; a named device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}: unknown device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} requested but CUDA is not available")
+    return device
+
+
+def read_settings(cfg: DictConfig, method_uses_calibration: bool) -> RunSettings:
+    try:
+        bits = BitWidth(int(cfg.bits.w), int(cfg.bits.a)) if _whole(cfg.bits.w) and _whole(cfg.bits.a) else None
+    except (TypeError, ValueError):
+        bits = None
+    if bits is None:
+        raise ConfigError(f"bits.w and bits.a must be integers, got w={cfg.bits.w!r} a={cfg.bits.a!r}")
+    calib = cfg.method.get("calib_size", 0)
+    return RunSettings(
+        bits=bits,
+        seed=_integer(cfg.seed, "seed", 0),
+        device=resolve_device(str(cfg.device)),
+        calib_size=_integer(calib, "method.calib_size", 1) if method_uses_calibration else 0,
+        progress=_boolean(cfg.task.progress, "task.progress"),
+        force=_boolean(cfg.force, "force"),
+    )
+
+
+def _whole(value: Any) -> bool:
+    """An int, or a string spelling one ("4"); never a float such as 2.5 (which int() would truncate)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for every RNG a run touches (calibration draws take their own seeded generators)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_label(cfg: DictConfig, method: Method) -> str:
+    """``model/method[/W4A4]``: FP has no bit-width."""
+    label = f"{cfg.model.name}/{cfg.method.name}"
+    return f"{label}/{method.bits.label}" if method.uses_bits else label
+
+
+def method_label(method: Method, overrides: list[str]) -> str:
+    """The method name with its command-line option overrides (an ablation variant), runtime options left out."""
+    chosen = method.identity()
+    extras = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        option = key.removeprefix("method.")
+        if key.startswith("method.") and option in chosen:
+            extras.append(f"{option}={value}")
+    return f"{method.name} [{', '.join(sorted(extras))}]" if extras else method.name
+
+
+def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, weights_sha256: str) -> dict[str, Any]:
+    """What determines the result; its hash is the run key (batch size, workers, devices, logging excluded)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("checkpoint", None)
+    model.pop("display", None)
+    return {
+        "task": task.name,
+        **task.identity(),
+        "model": model,
+        "weights_sha256": weights_sha256,
+        "method": {"name": method.name, "calib_size": settings.calib_size, **method.identity()},
+        "bits": [settings.bits.w, settings.bits.a] if method.uses_bits else None,
+        "seed": settings.seed,
+        "code_version": __version__,
+    }
+
+
+def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, Any]:
+    """Quantize and evaluate one run; returns its record (the stored one when the run already has a record)."""
+    from tasks import TASKS
+
+    task_cls = TASKS.get(str(cfg.task.name))
+    settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration)
+    method = build_method(cfg.method, settings.bits, seed=settings.seed, progress=settings.progress)
+    task = task_cls(cfg, settings.progress)
+    label = run_label(cfg, method)
+    store = RecordStore(cfg.results_dir)
+
+    seed_everything(settings.seed)
+    model, info = task.build_model()
+    method.check(model)
+    task.check_data()
+    key = run_key(identity(task, cfg, method, settings, info.weights_sha256))
+    if store.has(key) and not settings.force:
+        log.info("run %s already has a record (%s): skipped; pass force=true to redo it", key, store.path(key))
+        return store.load(key)
+
+    start = time.perf_counter()
+    rss_baseline = start_memory_tracking(settings.device)
+    model.to(settings.device)
+    fp_model = copy.deepcopy(model) if cfg.task.get("compare_fp") and method.uses_calibration else None
+    calibration: dict[str, Any] = {"num_images": 0}
+    if method.uses_calibration:
+        data = task.calibration(settings.calib_size, settings.seed, settings.device)
+        calib_start = time.perf_counter()
+        model = method.quantize(model, data)
+        calibration = {**data.identity, "seconds": time.perf_counter() - calib_start}
+    model.eval()
+    eval_start = time.perf_counter()
+    metrics = task.evaluate(model, settings.device, label, fp_model)
+    eval_seconds = time.perf_counter() - eval_start
+
+    record = {
+        "schema": SCHEMA_VERSION,
+        "run_key": key,
+        "task": task.name,
+        "primary_metric": task.primary_metric,
+        "model": task.describe_model(model, info),
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "method_label": method_label(method, overrides),
+        "method_overrides": sorted(o for o in overrides if o.lstrip("+~").startswith("method.")),
+        "bits": {"w": settings.bits.w, "a": settings.bits.a, "label": settings.bits.label} if method.uses_bits else None,
+        "seed": settings.seed,
+        "calibration": calibration,
+        "metrics": metrics,
+        "timings": {
+            "calibration_s": calibration.get("seconds", 0.0),
+            "eval_s": eval_seconds,
+            "total_s": time.perf_counter() - start,
+        },
+        "device": str(settings.device),
+        "memory": peak_memory(settings.device, rss_baseline),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": environment(REPO, str(settings.device)),
+        "output_dir": str(output_dir),
+    }
+    path = store.write(record)
+    log.info("%s: %s %.4g (record %s)", label, task.primary_metric, metrics[task.primary_metric], path)
+    log_to_wandb(cfg.logger, record, label, output_dir)
+    return record

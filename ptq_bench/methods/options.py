@@ -1,0 +1,113 @@
+"""Method options: one frozen dataclass per method, values from its YAML only (``conf/method/<name>.yaml``).
+
+An options class has no defaults, so code and config cannot drift: :func:`parse_options` builds it from the
+method's config, refusing unknown and missing keys and values of the wrong type (``2.7`` for an int, ``"maybe"``
+for a bool) in one line naming the key. A field with ``metadata={"runtime": True}`` (see :func:`runtime`) changes
+how a run goes, never its result (memory budgets, resume folders): it is left out of run keys and table labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from omegaconf import OmegaConf
+
+from ptq_bench.errors import ConfigError
+
+#: Where the method YAMLs live (the defaults of every option).
+METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "method"
+#: Keys of a method config that are not options of the method itself.
+HARNESS_KEYS = ("name", "calib_size")
+
+T = TypeVar("T")
+
+
+def runtime() -> Any:
+    """A dataclass field that does not change a run's result (no default: its value comes from the YAML)."""
+    return dataclasses.field(metadata={"runtime": True})
+
+
+def runtime_fields(options_cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(options_cls) if f.metadata.get("runtime"))
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The method's YAML as a plain dict (every option's default)."""
+    path = METHOD_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no config for method '{name}' ({path})")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+def parse_options(options_cls: type[T], values: Mapping[str, Any], method: str) -> T:
+    """``options_cls`` built from ``values``; one-line :class:`ConfigError` for unknown, missing or mistyped keys."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"method '{method}' has no option(s) {', '.join(unknown)} (options: {', '.join(fields)})")
+    missing = sorted(set(fields) - set(values))
+    if missing:
+        raise ConfigError(f"method '{method}' is missing option(s) {', '.join(missing)} (set them in conf/method/{method}.yaml)")
+    hints = get_type_hints(options_cls)
+    parsed = {name: _coerce(values[name], hints[name], f"method.{name}") for name in fields}
+    return options_cls(**parsed)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` checked against the type ``hint`` (ints stay ints, floats accept ints, sequences become tuples)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, args))}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {_describe(hint)}")
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        items = list(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}={value!r}: expected null")
+        return None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported option type {hint!r} for {key}")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(hint, str(hint))
