@@ -1,22 +1,115 @@
-"""Experiment tracking: a real wandb run per record (offline by default, ``logger=none`` to switch off)."""
+"""Experiment tracking: a real wandb run per record (offline by default, ``logger=none`` to switch off).
+
+With ``logger.mode=online`` the harness calls :func:`check_online` before any work, so a missing network fails in
+seconds with one line; a failure while logging a finished run is a warning (the record is already written).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from ptq_bench.errors import ConfigError
+
+DEFAULT_HOST = "https://api.wandb.ai"
+CONNECT_TIMEOUT_S = 3.0
+ONLINE_MODES = {"online", "run", "shared"}  # wandb's modes that talk to the server
+
+log = logging.getLogger(__name__)
 
 
-def log_to_wandb(logger_cfg: Mapping[str, Any], record: Mapping[str, Any], label: str, directory: Path) -> None:
-    """Log config, metrics and timings of ``record``; never goes online unless ``logger.mode=online``."""
+def wandb_mode(logger_cfg: Mapping[str, Any]) -> str:
+    """``disabled`` unless ``logger.kind=wandb``; else ``$WANDB_MODE`` or ``logger.mode`` (default offline)."""
     if logger_cfg.get("kind", "none") != "wandb":
+        return "disabled"
+    return os.environ.get("WANDB_MODE", str(logger_cfg.get("mode", "offline")))
+
+
+def wandb_host(logger_cfg: Mapping[str, Any]) -> str:
+    """The server URL (https when no scheme is given): ``logger.host``, else ``$WANDB_BASE_URL``, else the public API."""
+    url = str(logger_cfg.get("host") or os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST)
+    return url if "://" in url else f"https://{url}"
+
+
+def server_address(logger_cfg: Mapping[str, Any]) -> tuple[str, int]:
+    """Host name and port of the wandb server (https unless the URL says http); ConfigError for a bad URL."""
+    url = wandb_host(logger_cfg)
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+    except ValueError as error:
+        raise ConfigError(f"wandb server URL '{url}' (logger.host or WANDB_BASE_URL) has a bad port: {error}") from error
+    if not parts.hostname:
+        raise ConfigError(f"wandb server URL '{url}' (logger.host or WANDB_BASE_URL) has no host name")
+    return parts.hostname, port
+
+
+def connect(host: str, port: int, timeout: float) -> None:
+    """Open and close a TCP connection to ``host:port``; the whole attempt (name lookup included) is bounded by
+    ``timeout`` seconds. Raises OSError when it fails or times out."""
+    failure: list[OSError | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            failure.append(None)
+        except OSError as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=attempt, daemon=True)  # a stuck DNS lookup ignores the socket timeout
+    thread.start()
+    thread.join(timeout)
+    if not failure:
+        raise TimeoutError(f"no answer in {timeout:g} s")
+    if failure[0] is not None:
+        raise failure[0]
+
+
+def check_online(logger_cfg: Mapping[str, Any], timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """When wandb will log online, raise :class:`ConfigError` (one line) unless its server answers within
+    ``timeout`` seconds. Call it before any work; a no-op in offline/disabled mode or with ``logger=none``."""
+    if wandb_mode(logger_cfg) not in ONLINE_MODES:
         return
-    mode = os.environ.get("WANDB_MODE", str(logger_cfg.get("mode", "offline")))
+    host, port = server_address(logger_cfg)
+    try:
+        connect(host, port, timeout)
+    except OSError as error:
+        raise ConfigError(
+            f"logger.mode=online but the wandb server {host}:{port} is unreachable ({error}); "
+            "use logger.mode=offline (then `wandb sync`) or logger=none"
+        ) from error
+
+
+def log_to_wandb(logger_cfg: Mapping[str, Any], record: Mapping[str, Any], label: str, directory: Path) -> bool:
+    """Log config, metrics and timings of ``record``; never goes online unless ``logger.mode=online``.
+
+    Returns False, after one warning, when wandb fails (the record is already written); True otherwise.
+    """
+    mode = wandb_mode(logger_cfg)
     if mode == "disabled":
-        return
+        return True
+    try:
+        _log_run(logger_cfg, mode, record, label, directory)
+    except Exception as error:  # noqa: BLE001 - any wandb failure: the computation and its record stand
+        reason = " ".join(str(error).split())[:300]
+        log.warning("record %s was written, but logging it to wandb failed: %s: %s", record["run_key"],
+                    type(error).__name__, reason)
+        return False
+    return True
+
+
+def _log_run(logger_cfg: Mapping[str, Any], mode: str, record: Mapping[str, Any], label: str, directory: Path) -> None:
+    """One wandb run with the record's config, metrics and timings."""
     import wandb
 
     directory.mkdir(parents=True, exist_ok=True)
+    settings = {"silent": True, **({"base_url": wandb_host(logger_cfg)} if logger_cfg.get("host") else {})}
     run = wandb.init(
         project=str(logger_cfg.get("project", "ptq-bench")),
         entity=logger_cfg.get("entity"),
@@ -26,7 +119,7 @@ def log_to_wandb(logger_cfg: Mapping[str, Any], record: Mapping[str, Any], label
         group=str(record["model"]["name"]),
         config=dict(record.get("config", {})),
         tags=[str(record["method"]["name"])],
-        settings=wandb.Settings(silent=True),
+        settings=wandb.Settings(**settings),
     )
     metrics = {f"metrics/{k}": v for k, v in record["metrics"].items()}
     timings = {f"timings/{k}": v for k, v in record["timings"].items()}
