@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -12,8 +13,32 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from ptq_bench.errors import DataError
+from ptq_bench.errors import ConfigError, DataError
 
+#: At most this many DataLoader workers when ``data.workers`` is ``auto``.
+MAX_AUTO_WORKERS = 8
+
+
+def expand_path(path: str | Path) -> Path:
+    """``path`` with ``~`` and ``$VAR``/``${VAR}`` expanded (for data roots and checkpoints)."""
+    return Path(os.path.expandvars(str(path))).expanduser()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS reports it, as torch's DataLoader counts them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_workers(value: int | str | None, cap: int = MAX_AUTO_WORKERS) -> int:
+    """DataLoader workers for ``data.workers``: an integer >= 0 as given; ``auto``/null: one per CPU beyond the first
+    (the main process runs the model), at most ``cap``; 0 on a single CPU."""
+    if value is None or value == "auto":
+        return max(0, min(cap, available_cpus() - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"data.workers must be an integer >= 0 or auto, got {value!r}")
+    return value
 
 
 def image_loader(mode: str) -> Callable[[str], Image.Image]:
@@ -32,7 +57,7 @@ def image_loader(mode: str) -> Callable[[str], Image.Image]:
 
 def image_folder(root: str | Path, split: str, transform: Callable, channels: int = 3) -> ImageFolder:
     """``<root>/<split>/<class>/<image>``; raises DataError for a missing root/split or an empty split."""
-    root = Path(root).expanduser()
+    root = expand_path(root)
     if not root.is_dir():
         raise DataError(f"dataset root not found: {root}")
     split_dir = root / split
@@ -63,7 +88,7 @@ class MnistIdx(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, transform: Optional[Callable] = None, train_count: int = 8000) -> None:
-        root = Path(root).expanduser()
+        root = expand_path(root)
         images_file, labels_file = root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"
         for path in (images_file, labels_file):
             if not path.is_file():

@@ -2,13 +2,15 @@
 
 A model config names a builder through Hydra ``_target_`` (``timm.create_model`` with a timm name for the
 zoo models, or any callable returning a timm ViT/DeiT/Swin-style module) and, optionally, ``checkpoint``: a local
-timm state dict (.pth/.pt/.bin via ``torch.load(weights_only=True)``, or .safetensors).
+timm state dict (.pth/.pt/.bin via ``torch.load(weights_only=True)``, or .safetensors; ``~`` and ``$VAR`` expand).
+``weights: builder`` says that the builder loaded trained weights itself (the model is not random-init).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -18,6 +20,7 @@ import torch
 from hydra.errors import InstantiationException
 from torch import nn
 
+from ptq_bench.datasets import expand_path
 from ptq_bench.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 #: Keys under which training frameworks nest the state dict (timm/DeiT "model", others "state_dict").
 NESTED_KEYS = ("model", "state_dict", "model_ema")
+#: Values of ``model.weights``: null (a checkpoint, ``pretrained`` or random init) or ``builder``.
+WEIGHTS_SOURCES = (None, "builder")
+IMPORTABLE_HINT = "the builder's module must be importable: an installed package or a folder on PYTHONPATH"
 
 
 @dataclass(frozen=True)
@@ -106,28 +112,57 @@ def load_checkpoint_(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+def import_reason(target: str, cause: BaseException) -> str:
+    """Why Hydra could not import ``target``: a missing module (with how to make it importable), a missing name
+    in an imported module, or the error raised while importing it."""
+    missing = cause.name if isinstance(cause, ModuleNotFoundError) else None
+    if missing and (target == missing or target.startswith(missing + ".")):
+        parent, _, child = missing.rpartition(".")
+        if parent in sys.modules:
+            return f"'{parent}' has no attribute or submodule '{child}'"
+        return f"no module named '{missing}'; {IMPORTABLE_HINT}"
+    return first_line(cause)
+
+
+def builder_error(cfg: Mapping[str, Any], error: InstantiationException) -> ConfigError:
+    """One line for a builder that cannot be imported or fails: the target, and the underlying cause."""
+    cause = error.__cause__ or error
+    if str(error).startswith("Error locating target"):
+        target = str(cfg["builder"].get("_target_"))
+        cause = cause.__cause__ or cause  # Hydra wraps the import error in an ImportError of its own
+        reason = import_reason(target, cause)
+        return ConfigError(f"cannot build model '{cfg['name']}': cannot import builder '{target}': {reason}")
+    if isinstance(cause, RuntimeError) and "Unknown model" in str(cause):
+        return ConfigError(f"unknown timm model in model '{cfg['name']}': {cause}")
+    return ConfigError(f"cannot build model '{cfg['name']}': {first_line(cause)}")
+
+
 def build_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo]:
     """Instantiate ``cfg.builder``, load ``cfg.checkpoint`` if given; returns the model in eval mode and its info."""
+    weights = cfg.get("weights")
+    if weights not in WEIGHTS_SOURCES:
+        raise ConfigError(f"model.weights={weights}: expected null or builder (the builder loads trained weights)")
     try:
         model = hydra.utils.instantiate(cfg["builder"])
     except InstantiationException as error:
-        cause = error.__cause__ or error
-        if isinstance(cause, RuntimeError) and "Unknown model" in str(cause):
-            raise ConfigError(f"unknown timm model in model '{cfg['name']}': {cause}") from None
-        raise ConfigError(f"cannot build model '{cfg['name']}': {str(cause).splitlines()[0]}") from None
+        raise builder_error(cfg, error) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model builder for '{cfg['name']}' returned {type(model).__name__}, not an nn.Module")
-    checkpoint = cfg.get("checkpoint")
+    checkpoint = expand_path(cfg["checkpoint"]) if cfg.get("checkpoint") else None
     if checkpoint:
-        path = Path(str(checkpoint)).expanduser()
-        load_checkpoint_(model, path)
-        sha = file_sha256(path)
+        load_checkpoint_(model, checkpoint)
+        sha = file_sha256(checkpoint)
     else:
         sha = state_dict_sha256(model)
-    random_init = not checkpoint and not cfg.get("pretrained")
+    random_init = not checkpoint and not cfg.get("pretrained") and weights != "builder"
     if random_init:
         log.warning("model '%s' has random weights (no model.checkpoint, model.pretrained=false): top-1 is not "
-                    "comparable with published numbers", cfg["name"])
+                    "comparable with published numbers (model.weights=builder if the builder loads trained weights)",
+                    cfg["name"])
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     info = ModelInfo(str(cfg["name"]), str(checkpoint) if checkpoint else None, sha, num_params, random_init)
