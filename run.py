@@ -11,6 +11,7 @@ Each run goes through the one harness (ptq_bench/harness.py) and writes one reco
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,12 @@ REPO = Path(__file__).resolve().parent
 DEMO_ARGS = ["-m", "method=fp,minmax", "bits=w8a8,w4a4"]
 
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO), replace=True)
+
+
+def expand_home(arg: str) -> str:
+    """``key=~/path`` → ``key=$HOME/path``: Hydra's override grammar rejects an unquoted ``~``."""
+    key, sep, value = arg.partition("=")
+    return f"{key}={os.path.expanduser(value)}" if sep and value.startswith("~") else arg
 
 
 def execute(cfg: DictConfig) -> dict:
@@ -57,4 +64,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 1:
         sys.argv.extend(DEMO_ARGS)
+    sys.argv[1:] = [expand_home(arg) for arg in sys.argv[1:]]
     main()

@@ -15,3 +15,11 @@ class DataError(PTQBenchError):
 
 class CheckpointError(PTQBenchError):
     """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+class CoverageError(PTQBenchError):
+    """A quantizer that never saw data or never ran: the model would not be what its record says."""
+
+
+class InvariantError(PTQBenchError):
+    """A transform that must keep the FP function changed it."""

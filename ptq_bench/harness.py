@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from ptq_bench import __version__
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
+from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules, tracking_calls
 from ptq_bench.results.environment import environment, peak_memory, start_memory_tracking
 from ptq_bench.results.store import SCHEMA_VERSION, RecordStore, run_key
-from ptq_bench.tracking import log_to_wandb
+from ptq_bench.tracking import check_online, log_to_wandb
 
 log = logging.getLogger("ptq_bench")
 REPO = Path(__file__).resolve().parent.parent
@@ -144,15 +145,17 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
     task = task_cls(cfg, settings.progress)
     label = run_label(cfg, method)
     store = RecordStore(cfg.results_dir)
+    check_online(cfg.logger)
 
     seed_everything(settings.seed)
     model, info = task.build_model()
     method.check(model)
     task.check_data()
     key = run_key(identity(task, cfg, method, settings, info.weights_sha256))
-    if store.has(key) and not settings.force:
+    stored = None if settings.force else store.load_valid(key)  # a damaged record is set aside and the run redone
+    if stored is not None:
         log.info("run %s already has a record (%s): skipped; pass force=true to redo it", key, store.path(key))
-        return store.load(key)
+        return stored
 
     start = time.perf_counter()
     rss_baseline = start_memory_tracking(settings.device)
@@ -164,10 +167,13 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
         calib_start = time.perf_counter()
         model = method.quantize(model, data)
         calibration = {**data.identity, "seconds": time.perf_counter() - calib_start}
+        check_calibrated(model)
     model.eval()
     eval_start = time.perf_counter()
-    metrics = task.evaluate(model, settings.device, label, fp_model)
+    with tracking_calls(model) as calls:
+        metrics = task.evaluate(model, settings.device, label, fp_model)
     eval_seconds = time.perf_counter() - eval_start
+    check_ran(calls)
 
     record = {
         "schema": SCHEMA_VERSION,
@@ -181,6 +187,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
         "bits": {"w": settings.bits.w, "a": settings.bits.a, "label": settings.bits.label} if method.uses_bits else None,
         "seed": settings.seed,
         "calibration": calibration,
+        "quantized": quantized_modules(model),
         "metrics": metrics,
         "timings": {
             "calibration_s": calibration.get("seconds", 0.0),

@@ -19,8 +19,8 @@ class SweepReport(Callback):
         if not keys_file.is_file():
             return
         store = RecordStore(config.results_dir)
-        keys = dict.fromkeys(k for k in keys_file.read_text().split() if store.has(k))
-        frame = records_frame(store.load(k) for k in keys)
+        records = (store.load_valid(k) for k in dict.fromkeys(keys_file.read_text().split()))
+        frame = records_frame(r for r in records if r is not None)
         if frame.empty:
             return
         paths = write_report(frame, sweep_dir, "report")

@@ -1,7 +1,8 @@
 """Image classification: ImageNet-style folders or the shipped MNIST split; metric top-1/top-5 accuracy.
 
 Calibration images are drawn from the train split with a seeded generator (their indices go into the record);
-the evaluation transform is timm's pretrained config of the model unless the data config overrides it.
+the evaluation transform is timm's pretrained config for zoo models, the model's own input size otherwise
+(ptq_bench/eval_transform.py), overridden by the data config.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ptq_bench.calibration import CalibrationData, tensor_sha256
-from ptq_bench.datasets import MnistIdx, image_folder
+from ptq_bench.datasets import MnistIdx, image_folder, resolve_workers
 from ptq_bench.errors import ConfigError, DataError
 from ptq_bench.eval_transform import eval_transform
 from ptq_bench.models.build import ModelInfo, build_model
@@ -124,5 +125,5 @@ class Classification(Task):
     def evaluate(self, model: nn.Module, device: torch.device, label: str, fp_model: nn.Module | None = None) -> dict[str, Any]:
         if self.val is None:
             self.check_data()
-        loader = DataLoader(self.val, batch_size=int(self.cfg.task.batch_size), num_workers=int(self.cfg.data.workers))
+        loader = DataLoader(self.val, batch_size=int(self.cfg.task.batch_size), num_workers=resolve_workers(self.cfg.data.get("workers")))
         return accuracy(self.forward, model, loader, device, label, self.progress, fp_model)

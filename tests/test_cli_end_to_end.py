@@ -50,8 +50,8 @@ def test_folder_run_writes_a_record_resumes_and_reports(tmp_path, image_folder_r
 
 def test_custom_architecture_and_transform_from_config(tmp_path, image_folder_root):
     result = run_cli(
-        "model=custom_vit", "model.builder.img_size=32", "model.builder.patch_size=8", "model.builder.depth=1",
-        "model.builder.embed_dim=48", "model.builder.num_classes=3", "data=folder", f"data.root={image_folder_root}",
+        "model=custom_vit", "+model.builder.img_size=32", "+model.builder.patch_size=8", "+model.builder.depth=1",
+        "+model.builder.embed_dim=48", "+model.builder.num_classes=3", "data=folder", f"data.root={image_folder_root}",
         "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "data.crop_pct=1.0",
         "method=minmax", "bits.w=5", "bits.a=7", "method.calib_size=3", f"results_dir={tmp_path}", *QUIET)
     assert result.returncode == 0, result.stderr

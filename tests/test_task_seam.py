@@ -162,18 +162,19 @@ def test_attention_subclass_with_its_own_forward_is_refused() -> None:
         build_method("minmax", BitWidth(8, 8)).quantize(scaled_attention_vit(), image_calibration(torch.randn(2, 3, 16, 16)))
 
 
-def test_multihead_attention_is_refused() -> None:
-    class TorchEncoder(nn.Module):
+def test_unsupported_multihead_attention_is_refused() -> None:
+    class CrossAttention(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
             self.head = nn.Linear(16, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.layer(x).mean(dim=1))
+            memory = x[..., :8]
+            return self.head(self.attn(x, memory, memory)[0].mean(dim=1))
 
-    with pytest.raises(ConfigError, match="MultiheadAttention"):
-        build_method("minmax", BitWidth(8, 8)).quantize(TorchEncoder().eval(), image_calibration(torch.randn(2, 5, 16)))
+    with pytest.raises(ConfigError, match="MultiheadAttention with separate q/k/v weights"):
+        build_method("minmax", BitWidth(8, 8)).quantize(CrossAttention().eval(), image_calibration(torch.randn(2, 5, 16)))
 
 
 def test_method_options_come_from_the_yaml_typed() -> None:

@@ -4,7 +4,8 @@ An adapter recognises its family (:meth:`ArchitectureAdapter.matches`) and owns:
 
 * the role of every Linear/Conv2d input (``input_roles``: post-LayerNorm, post-GELU, attention projection, ...);
 * the attention swap (``convert_attention``: an attention module becomes one whose two matmuls are quantizable);
-* the LayerNorm → Linear pairs a scale reparameterization folds into (``layernorm_linear_pairs``);
+* the LayerNorm → Linear pairs a scale reparameterization folds into (``layernorm_linear_pairs``), only in blocks
+  whose forward is known to be pre-norm (a Linear after any other norm gets the generic role);
 * the transformer blocks a block-wise reconstruction walks through (``blocks``).
 
 :func:`architecture_for` picks the adapter of a model and refuses, in one line, a model that no adapter recognises
@@ -24,7 +25,7 @@ from ptq_bench.errors import ConfigError
 from ptq_bench.registry import Registry
 
 #: What a method may need from an architecture adapter.
-NEEDS = ("layernorm_pairs", "blocks")
+NEEDS = ("layernorm_pairs", "blocks")  # layernorm_pairs: every block foldable (strict; post_norm=skip drops it)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,13 @@ class ArchitectureAdapter(ABC):
         return any(isinstance(m, self.attention_types) for m in model.modules())
 
     @abstractmethod
+    def layer_roles(self, model: nn.Module) -> dict[int, str]:
+        """``id(layer)`` → role of its input for the family's other special layers (attention projection,
+        post-GELU, head, patch embedding); ``post_layernorm`` comes from the foldable pairs."""
+
     def input_roles(self, model: nn.Module) -> dict[int, str]:
         """``id(layer)`` → role of its input, for the layers whose role is not the generic ``linear``/``conv``."""
+        return {**self.layer_roles(model), **{i: "post_layernorm" for i in self.foldable_inputs(model)}}
 
     @abstractmethod
     def convert_attention(self, module: nn.Module) -> nn.Module:
@@ -79,23 +85,51 @@ class ArchitectureAdapter(ABC):
         """Transformer blocks in forward order."""
         return [(n, m) for n, m in model.named_modules() if self.is_block(m)]
 
-    def layernorm_linear_pairs(self, model: nn.Module) -> list[NormLinearPair]:
-        """Every norm → Linear pair; raises if a block's forward is not known to be pre-norm."""
-        pairs: list[NormLinearPair] = []
-        for name, block in self.blocks(model):
-            if not isinstance(block, self.pre_norm_blocks) or not _keeps_forward(block, self.pre_norm_blocks):
-                raise ConfigError(
-                    f"block '{name}' ({type(block).__name__}) is not a known pre-norm block of {self.name}: "
-                    "LayerNorm→Linear reparameterization cannot be applied to it"
-                )
-            pairs.extend(self.block_pairs(name, block))
+    def prepare_blocks(self, model: nn.Module) -> None:
+        """Make every block run its explicit forward (e.g. no fused fast path); nothing to do by default."""
+
+    def is_pre_norm(self, block: nn.Module) -> bool:
+        """Whether ``block`` is known to compute ``x + f(norm(x))``, so that its norm → Linear pairs can be folded."""
+        return isinstance(block, self.pre_norm_blocks) and _keeps_forward(block, self.pre_norm_blocks)
+
+    def is_post_norm(self, block: nn.Module) -> bool:
+        """Whether ``block`` is known to be post-norm (``norm(x + f(x))``): no fold applies, and the family says so."""
+        return False
+
+    def foldable_inputs(self, model: nn.Module) -> set[int]:
+        """``id`` of every Linear fed directly by a LayerNorm of a known pre-norm block (role ``post_layernorm``)."""
+        return {id(linear) for pair in self.layernorm_linear_pairs(model, skip_post_norm=True) for linear in pair.linears}
+
+    def layernorm_linear_pairs(self, model: nn.Module, skip_post_norm: bool = False) -> list[NormLinearPair]:
+        """Every norm → Linear pair. A block that is not known pre-norm raises, unless ``skip_post_norm`` (then its
+        norms are left alone: its Linears' inputs have the generic role and are quantized per tensor)."""
+        blocks = self.blocks(model)
+        if not skip_post_norm:
+            self._refuse_unfoldable(blocks)
+        pairs = [pair for name, block in blocks if self.is_pre_norm(block) for pair in self.block_pairs(name, block)]
         return pairs + self.extra_pairs(model)
+
+    def _refuse_unfoldable(self, blocks: list[tuple[str, nn.Module]]) -> None:
+        for name, block in blocks:
+            if not self.is_pre_norm(block):
+                kind = "post-norm" if self.is_post_norm(block) else f"not a known pre-norm block of {self.name}"
+                raise ConfigError(
+                    f"block '{name}' ({type(block).__name__}) is {kind}: LayerNorm→Linear reparameterization cannot be "
+                    "applied to it (method.post_norm=skip runs without it there)"
+                )
+
+    def post_norm_blocks(self, model: nn.Module) -> list[str]:
+        """Names of the blocks a fold skips with ``post_norm=skip`` (post-norm or of unknown forward)."""
+        return [name for name, block in self.blocks(model) if not self.is_pre_norm(block)]
 
     def check(self, model: nn.Module, needs: Iterable[str], method: str) -> None:
         """Raise one line if the adapter cannot give ``method`` what it ``needs`` on ``model``."""
         for need in needs:
-            if need == "layernorm_pairs" and not self.layernorm_linear_pairs(model):
-                raise ConfigError(f"method '{method}' needs LayerNorm→Linear pairs; {self.name} found none in {type(model).__name__}")
+            if need == "layernorm_pairs":
+                blocks = self.blocks(model)
+                self._refuse_unfoldable(blocks)
+                if not blocks and not self.extra_pairs(model):
+                    raise ConfigError(f"method '{method}' needs LayerNorm→Linear pairs; {self.name} found none in {type(model).__name__}")
             if need == "blocks" and not self.blocks(model):
                 raise ConfigError(f"method '{method}' needs transformer blocks; {self.name} found none in {type(model).__name__}")
             if need not in NEEDS:
@@ -136,10 +170,15 @@ def _refuse_unknown_attention(model: nn.Module, adapter: ArchitectureAdapter) ->
                     f"attention module '{name}' ({type(module).__name__}) overrides the forward of "
                     f"{adapter.name}'s attention: its quantizable form would change the model"
                 )
-        elif _looks_like_attention(module) and not getattr(module, "quantizable", False):
+        elif _looks_like_attention(module) and not getattr(module, "quantizable", False) and not _holds(module, adapter):
             raise ConfigError(
                 f"module '{name}' ({type(module).__name__}) computes attention that {adapter.name} cannot quantize"
             )
+
+
+def _holds(module: nn.Module, adapter: ArchitectureAdapter) -> bool:
+    """Whether ``module`` contains an attention module the adapter swaps (a wrapper, not attention itself)."""
+    return any(isinstance(m, adapter.attention_types) for m in module.modules() if m is not module)
 
 
 def _looks_like_attention(module: nn.Module) -> bool:

@@ -39,12 +39,8 @@ class TimmSwin(ArchitectureAdapter):
     attention_types = (WindowAttention,)
     pre_norm_blocks = (SwinTransformerBlock,)
 
-    def input_roles(self, model: nn.Module) -> dict[int, str]:
-        roles = attention_mlp_roles(model, self.attention_types)
-        for module in model.modules():
-            if isinstance(module, PatchMerging):
-                roles[id(module.reduction)] = "post_layernorm"
-        return roles
+    def layer_roles(self, model: nn.Module) -> dict[int, str]:
+        return attention_mlp_roles(model, self.attention_types)
 
     def convert_attention(self, module: nn.Module) -> nn.Module:
         return QuantWindowAttention.convert_(module)

@@ -46,14 +46,12 @@ def common_roles(model: nn.Module) -> dict[int, str]:
 
 
 def attention_mlp_roles(model: nn.Module, attention_types: tuple[type[nn.Module], ...]) -> dict[int, str]:
-    """qkv/fc1 post-LayerNorm, proj after attention, fc2 post-GELU."""
+    """proj after attention, fc2 post-GELU, head and patch embedding."""
     roles = common_roles(model)
     for module in model.modules():
         if isinstance(module, attention_types):
-            roles[id(module.qkv)] = "post_layernorm"
             roles[id(module.proj)] = "attn_proj"
         elif isinstance(module, Mlp):
-            roles[id(module.fc1)] = "post_layernorm"
             roles[id(module.fc2)] = "post_gelu"
     return roles
 
@@ -73,7 +71,7 @@ class TimmViT(ArchitectureAdapter):
     attention_types = (Attention,)
     pre_norm_blocks = (Block,)
 
-    def input_roles(self, model: nn.Module) -> dict[int, str]:
+    def layer_roles(self, model: nn.Module) -> dict[int, str]:
         return attention_mlp_roles(model, self.attention_types)
 
     def convert_attention(self, module: nn.Module) -> nn.Module:

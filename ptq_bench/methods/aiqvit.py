@@ -53,6 +53,7 @@ from ptq_bench.transforms.reconstruction import (
     learnable_scales,
     reconstruct_block,
 )
+from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.reparam import mean_target, reparameterize_layernorm_
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class AIQViTOptions:
     loss: Literal["mse", "fro"]
     input_source: Literal["quant", "fp"]
     reparam: Literal["after", "before", "none"]
+    post_norm: Literal["refuse", "skip"]
     weight_observer: str
     act_observer: str
     patch_embed_input_bits: Optional[int]
@@ -132,7 +134,8 @@ class AIQViT(Method):
         self.block_errors: dict[str, tuple[float, float]] = {}  # block → (MSE before, MSE after)
 
     def needs(self) -> frozenset[str]:
-        return frozenset({"blocks"} if self.options.reparam == "none" else {"blocks", "layernorm_pairs"})
+        strict = self.options.reparam != "none" and self.options.post_norm == "refuse"
+        return frozenset({"blocks", "layernorm_pairs"} if strict else {"blocks"})
 
     # ---------------------------------------------------------------- quantizers
     def make_quantizer(self, site: QuantSite) -> Optional[Quantizer]:
@@ -162,7 +165,7 @@ class AIQViT(Method):
         with torch.no_grad(), calibrating(model):
             data.run(model, limit=cfg.init_size)
         if cfg.reparam == "before":
-            self._reparameterize(model)
+            self._reparameterize(model, data)
         flags = {p: p.requires_grad for p in model.parameters()}
         for p in flags:
             p.requires_grad_(False)
@@ -172,15 +175,16 @@ class AIQViT(Method):
             for p, flag in flags.items():
                 p.requires_grad_(flag)
         if cfg.reparam == "after":
-            self._reparameterize(model)
+            self._reparameterize(model, data)
         return model
 
-    @staticmethod
-    def _reparameterize(model: nn.Module) -> None:
+    def _reparameterize(self, model: nn.Module, data: CalibrationData) -> None:
         """RepQ-ViT scale reparameterization of the post-LayerNorm quantizers (channel-mean target), then refit the
         weight quantizers of the edited Linears on their new weights (as ptq_bench/methods/repq_vit.py does)."""
         with torch.no_grad(), calibrating(model):
-            for linear in reparameterize_layernorm_(model, mean_target):
+            with keeps_fp_function(model, data, "AIQViT LayerNorm→Linear reparameterization"):
+                edited = reparameterize_layernorm_(model, mean_target, self.options.post_norm == "skip")
+            for linear in edited:
                 linear.quantized_weight()
 
     def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData) -> None:

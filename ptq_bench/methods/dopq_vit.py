@@ -31,6 +31,7 @@ from ptq_bench.quant import Quantizer, UniformQuantizer
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
 from ptq_bench.quant.registry import check_post_softmax
 from ptq_bench.quant.tanq import TanQuantizer
+from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.mosf import mosf_reparameterize_
 from ptq_bench.transforms.reconstruction import ReconStep, block_outputs, capture_block_inputs, reconstruct_block
 
@@ -47,6 +48,7 @@ class DopQViTOptions:
     tanq_centers: tuple[float, ...]
     tanq_granularity: Literal["tensor", "head"]
     init_calib_size: int
+    post_norm: Literal["refuse", "skip"]
     reconstruction: bool
     iters: int
     batch_size: int
@@ -69,7 +71,8 @@ class DopQViT(Method):
         TanQuantizer(2, **self.tanq_options)  # validate the TanQ options now, not mid-calibration
 
     def needs(self) -> frozenset[str]:
-        return frozenset({"layernorm_pairs", "blocks"} if self.reconstructs else {"layernorm_pairs"})
+        needs = {"layernorm_pairs"} if self.options.post_norm == "refuse" else set()
+        return frozenset(needs | {"blocks"} if self.reconstructs else needs)
 
     @property
     def reconstructs(self) -> bool:
@@ -83,7 +86,9 @@ class DopQViT(Method):
         prepare_(model, self.make_quantizer)
         with torch.no_grad(), calibrating(model):
             data.run(model, limit=o.init_calib_size)
-            for linear in mosf_reparameterize_(model, o.scale_factor, o.compensation, o.kappa):
+            with keeps_fp_function(model, data, f"DopQ-ViT {o.scale_factor} reparameterization"):
+                edited = mosf_reparameterize_(model, o.scale_factor, o.compensation, o.kappa, o.post_norm == "skip")
+            for linear in edited:
                 linear.quantized_weight()  # refit the reset weight quantizer on the reparameterized weight
         if self.reconstructs:
             self.reconstruct_(model, data)

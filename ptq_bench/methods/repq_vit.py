@@ -31,6 +31,7 @@ uniform quantizer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ from ptq_bench.models import QuantSite, calibrating, prepare_
 from ptq_bench.quant import Quantizer, UniformQuantizer
 from ptq_bench.quant.registry import check_post_softmax, post_softmax_quantizer
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
+from ptq_bench.transforms.invariants import keeps_fp_function
 
 #: The patch-embedding input is always quantized at 8 bits (quant_modules.py, ``QuantConv2d``).
 PATCH_EMBED_INPUT_BITS = 8
@@ -49,6 +51,7 @@ PATCH_EMBED_INPUT_BITS = 8
 @dataclass(frozen=True)
 class RepQViTOptions:
     softmax_quantizer: str
+    post_norm: Literal["refuse", "skip"]  # skip: no fold in blocks that are not pre-norm (per-tensor inputs there)
 
 
 def repq_quantizer(site: QuantSite, bits: BitWidth, softmax_quantizer: str, softmax_options: dict | None = None) -> Quantizer:
@@ -73,7 +76,7 @@ class RepQViT(Method):
         check_post_softmax(options.softmax_quantizer, self.name)
 
     def needs(self) -> frozenset[str]:
-        return frozenset({"layernorm_pairs"})
+        return frozenset({"layernorm_pairs"} if self.options.post_norm == "refuse" else set())
 
     def make_quantizer(self, site: QuantSite) -> Quantizer:
         return repq_quantizer(site, self.bits, self.options.softmax_quantizer)
@@ -83,6 +86,8 @@ class RepQViT(Method):
         prepare_(model, self.make_quantizer)
         with calibrating(model):
             data.run(model)  # one forward of the whole calibration set, as the official code does
-            for linear in reparameterize_layernorm_(model, mean_target):
+            with keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization"):
+                edited = reparameterize_layernorm_(model, mean_target, self.options.post_norm == "skip")
+            for linear in edited:
                 linear.quantized_weight()  # refits the reset weight quantizer on the reparameterized weight
         return model

@@ -9,6 +9,7 @@ from ptq_bench.models.prepare import (
     layernorm_linear_pairs,
     named_quantizers,
     prepare_,
+    quantizers_off,
     set_quantizers_enabled,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "layernorm_linear_pairs",
     "named_quantizers",
     "prepare_",
+    "quantizers_off",
     "set_quantizers_enabled",
 ]

@@ -73,8 +73,9 @@ def prepare_(model: nn.Module, factory: QuantizerFactory) -> nn.Module:
     if any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules()):
         raise ValueError("model is already prepared")
     adapter = architecture_for(model)
-    roles = adapter.input_roles(model)
-    attention = {id(m) for _, m in adapter.attention_modules(model)}
+    adapter.prepare_blocks(model)
+    attention = [(name, adapter.convert_attention(module)) for name, module in adapter.attention_modules(model)]
+    roles = adapter.input_roles(model)  # after the attention swap, which may add Linears (packed in-projections)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             role = roles.get(id(module), "linear")
@@ -90,18 +91,17 @@ def prepare_(model: nn.Module, factory: QuantizerFactory) -> nn.Module:
                 _make(factory, QuantSite(name, "weight", module)),
                 _make(factory, QuantSite(name, role, module)),
             )
-        elif id(module) in attention:
-            converted = adapter.convert_attention(module)
-            converted.matmul1.quantizer_a = _make(factory, QuantSite(f"{name}.matmul1", "query", module))
-            converted.matmul1.quantizer_b = _make(factory, QuantSite(f"{name}.matmul1", "key", module))
-            converted.matmul2.quantizer_a = _make(factory, QuantSite(f"{name}.matmul2", "post_softmax", module))
-            converted.matmul2.quantizer_b = _make(factory, QuantSite(f"{name}.matmul2", "value", module))
+    for name, converted in attention:
+        converted.matmul1.quantizer_a = _make(factory, QuantSite(f"{name}.matmul1", "query", converted))
+        converted.matmul1.quantizer_b = _make(factory, QuantSite(f"{name}.matmul1", "key", converted))
+        converted.matmul2.quantizer_a = _make(factory, QuantSite(f"{name}.matmul2", "post_softmax", converted))
+        converted.matmul2.quantizer_b = _make(factory, QuantSite(f"{name}.matmul2", "value", converted))
     return model
 
 
-def layernorm_linear_pairs(model: nn.Module) -> list[NormLinearPair]:
+def layernorm_linear_pairs(model: nn.Module, skip_post_norm: bool = False) -> list[NormLinearPair]:
     """The norm → Linear pairs of the model's architecture (a scale reparameterization folds into them)."""
-    return architecture_for(model).layernorm_linear_pairs(model)
+    return architecture_for(model).layernorm_linear_pairs(model, skip_post_norm)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -120,6 +120,19 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn every quantizer on or off (off: the prepared model computes the FP function)."""
     for _, quantizer in named_quantizers(model):
         quantizer.enabled = enabled
+
+
+@contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Every quantizer off inside the context (the FP function); each one's own flag is restored on exit."""
+    flags = [(q, q.enabled) for _, q in named_quantizers(model)]
+    for q, _ in flags:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, flag in flags:
+            q.enabled = flag
 
 
 @contextmanager

@@ -39,7 +39,8 @@ def has_trained_weights(record: Mapping[str, Any]) -> bool:
     """False for a random-init model (no checkpoint, not pretrained): a published number would mean nothing."""
     if "random_init" in record["model"]:
         return not record["model"]["random_init"]
-    pretrained = record.get("config", {}).get("model", {}).get("pretrained", False)
+    model_cfg = record.get("config", {}).get("model")
+    pretrained = model_cfg.get("pretrained", False) if isinstance(model_cfg, dict) else False
     return bool(record["model"].get("checkpoint") or pretrained)
 
 
@@ -55,7 +56,7 @@ def records_frame(
     for record in records:
         task = str(record.get("task", "classification"))
         chosen = metric or str(record.get("primary_metric", "top1"))
-        if chosen not in record["metrics"]:
+        if record["metrics"].get(chosen) is None:
             continue
         bits = record.get("bits")
         wbits, abits = (bits["w"], bits["a"]) if bits else (None, None)
@@ -163,3 +164,16 @@ def plot_accuracy(frame: pd.DataFrame, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def quantized_table(record: Mapping[str, Any]) -> str:
+    """A run's quantized modules as a Markdown table: module, slot, role, bits, quantizer (from ``record["quantized"]``)."""
+    rows = [
+        {"module": row["module"], "slot": slot, **info}
+        for row in record.get("quantized") or []
+        for slot, info in row["quantizers"].items()
+    ]
+    if not rows:
+        return f"run {record['run_key']} ({record['method']['name']}): nothing quantized"
+    header = f"run {record['run_key']} ({record.get('method_label') or record['method']['name']}): {len(rows)} quantizers\n\n"
+    return header + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)

@@ -105,18 +105,22 @@ def effective_channel_params(
 
 @torch.no_grad()
 def mosf_reparameterize_(
-    model: nn.Module, rule: str = "mosf", compensation: Compensation = "all", kappa: float = DEFAULT_KAPPA
+    model: nn.Module,
+    rule: str = "mosf",
+    compensation: Compensation = "all",
+    kappa: float = DEFAULT_KAPPA,
+    skip_post_norm: bool = False,
 ) -> list[QuantLinear]:
     """Reparameterize every calibrated per-channel post-LayerNorm quantizer to per tensor, in place.
 
     The target (s̃, z̃) comes from ``rule`` applied to the calibrated channel parameters; the channels then get
     their effective parameters (:func:`effective_channel_params`) and RepQ-ViT's fold
     (:func:`ptq_bench.transforms.reparam.reparameterize_layernorm_`) does the rest. Returns the edited Linears,
-    whose weight quantizers must be calibrated again.
+    whose weight quantizers must be calibrated again. ``skip_post_norm`` leaves blocks that are not pre-norm alone.
     """
     rule_fn = target_rule(rule, kappa)
     targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for pair in layernorm_linear_pairs(model):
+    for pair in layernorm_linear_pairs(model, skip_post_norm):
         quantizer = getattr(pair.linears[0], "input_quantizer", None) if len(pair.linears) == 1 else None
         if not isinstance(quantizer, UniformQuantizer) or quantizer.granularity != "channel" or not quantizer.calibrated:
             continue  # reparameterize_layernorm_ reports the exact problem
@@ -126,4 +130,4 @@ def mosf_reparameterize_(
         quantizer.set_params(s_eff.reshape(quantizer.scale.shape), z_eff.reshape(quantizer.zero_point.shape))
         targets[quantizer.scale.data_ptr()] = target
     # reparameterize_layernorm_ calls the target function with views of each quantizer's scale buffer: key by storage
-    return reparameterize_layernorm_(model, lambda scales, _zero_points: targets[scales.data_ptr()])
+    return reparameterize_layernorm_(model, lambda scales, _zero_points: targets[scales.data_ptr()], skip_post_norm)

@@ -71,16 +71,17 @@ def _channel_quantizer(linear: nn.Module, norm_name: str) -> UniformQuantizer:
 
 
 @torch.no_grad()
-def reparameterize_layernorm_(model: nn.Module, target_fn: TargetFn = mean_target) -> list[QuantLinear]:
+def reparameterize_layernorm_(model: nn.Module, target_fn: TargetFn = mean_target, skip_post_norm: bool = False) -> list[QuantLinear]:
     """Fold every per-channel post-LayerNorm quantizer into a per-tensor one, in place.
 
     For each LayerNorm → Linear pair (:func:`layernorm_linear_pairs`), the Linear's calibrated per-channel input
     quantizer becomes per tensor with ``target_fn``'s (s̃, z̃), the LayerNorm affine and the Linear's weight and
     bias absorb the change, and the Linear's weight quantizer is reset (its weight changed). Returns the edited
-    Linears, whose weight quantizers the caller must calibrate again.
+    Linears, whose weight quantizers the caller must calibrate again. ``skip_post_norm`` leaves blocks that are not
+    known pre-norm alone (their inputs were quantized per tensor: the architecture gives them the generic role).
     """
     edited: list[QuantLinear] = []
-    for pair in layernorm_linear_pairs(model):
+    for pair in layernorm_linear_pairs(model, skip_post_norm):
         if len(pair.linears) != 1:
             raise ValueError(f"{pair.norm_name} feeds {len(pair.linears)} Linears; only one is supported")
         linear = pair.linears[0]
