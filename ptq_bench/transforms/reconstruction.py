@@ -2,7 +2,8 @@
 
 Generic over what is learned (low-rank branches, quantizer ranges, architecture weights): a caller finds the blocks
 through the architecture adapter (:func:`ptq_bench.models.find_blocks`), captures each block's inputs through the
-task's forward and its FP targets (:func:`capture_block_inputs`, :func:`block_outputs`), builds one
+task's forward and its FP targets (:func:`capture_block_inputs`, :func:`block_outputs`; blocks that take extra
+arguments, such as mmdet Swin's ``hw_shape``, on samples of different shapes give :class:`BlockInputs`), builds one
 :class:`ReconStep` per optimizer (each with its own pool of calibration samples), and calls
 :func:`reconstruct_block`. The loss is the BRECQ-style block output error (AIQViT Eq. 10: E_x ‖B_q(x) − B(x)‖).
 
@@ -18,7 +19,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -35,14 +36,69 @@ class _StopForward(Exception):
     """Raised by a capture hook once the wanted input has been recorded."""
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, batch_size: int) -> torch.Tensor:
-    """The input of ``block`` for every calibration sample, running the task's forward only up to that block."""
-    captured: list[torch.Tensor] = []
+@dataclass
+class BlockInputs:
+    """Per-sample inputs of a block called as ``block(x, *extra)`` (mmdet's Swin: ``extra = (hw_shape,)``).
+
+    Detection images differ in size, so their block inputs cannot be concatenated: each sample keeps its own tensor
+    (batch dim 1) and extra positional arguments, and a batch of samples runs through the block in groups of equal
+    shape and extras (:func:`run_block`, :func:`batch_losses`). Indexing with a tensor or list of sample indices or a
+    slice gives the selected samples; ``shape[0]`` and ``device`` are those of a tensor of samples.
+    """
+
+    tensors: list[torch.Tensor]
+    extras: list[tuple]
+
+    @classmethod
+    def from_batches(cls, batches: Sequence[tuple[torch.Tensor, tuple]]) -> "BlockInputs":
+        tensors, extras = [], []
+        for x, extra in batches:
+            tensors.extend(x.split(1))
+            extras.extend([extra] * x.shape[0])
+        return cls(tensors, extras)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([len(self)])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def __getitem__(self, index: Any) -> "BlockInputs":
+        picks = range(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index).reshape(-1).tolist()
+        return BlockInputs([self.tensors[i] for i in picks], [self.extras[i] for i in picks])
+
+    def groups(self) -> list[tuple[list[int], torch.Tensor, tuple]]:
+        """(positions, their tensors concatenated, their extras) for each run-able group of equal shape and extras."""
+        grouped: dict[tuple, list[int]] = {}
+        for i, (x, extra) in enumerate(zip(self.tensors, self.extras)):
+            grouped.setdefault((tuple(x.shape[1:]), repr(extra)), []).append(i)
+        return [(ps, torch.cat([self.tensors[p] for p in ps]), self.extras[ps[0]]) for ps in grouped.values()]
+
+
+Samples = Union[torch.Tensor, BlockInputs]
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, batch_size: int) -> Samples:
+    """The input of ``block`` for every calibration sample, running the task's forward only up to that block.
+
+    A block called with one tensor gives one tensor of all samples. A block called with further non-tensor positional
+    arguments (mmdet Swin's ``hw_shape``) gives :class:`BlockInputs`, which keeps each sample's shape and arguments."""
+    captured: list[tuple[torch.Tensor, tuple]] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if len(args) != 1 or any(v is not None for v in kwargs.values()):
-            raise ConfigError("block-wise reconstruction supports blocks called with a single tensor argument")
-        captured.append(args[0].detach())
+        if (
+            not args
+            or not isinstance(args[0], torch.Tensor)
+            or any(isinstance(a, torch.Tensor) for a in args[1:])
+            or any(v is not None for v in kwargs.values())
+        ):
+            raise ConfigError("block-wise reconstruction supports blocks called with one tensor and non-tensor positional arguments")
+        captured.append((args[0].detach(), tuple(args[1:])))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -57,13 +113,41 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationDa
         handle.remove()
     if len(captured) != len(range(0, len(data), batch_size)):
         raise ConfigError(f"block {type(block).__name__} was not called by the task's forward")
-    return torch.cat(captured)
+    if all(not extra for _, extra in captured):
+        return torch.cat([x for x, _ in captured])
+    return BlockInputs.from_batches(captured)
 
 
-def block_outputs(block: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+def run_block(block: nn.Module, inputs: Samples) -> Samples:
+    """``block`` applied to a batch of samples (per group of equal shape for :class:`BlockInputs`)."""
+    if isinstance(inputs, torch.Tensor):
+        return block(inputs)
+    outputs: list[torch.Tensor] = [inputs.tensors[0]] * len(inputs)
+    for positions, x, extra in inputs.groups():
+        for p, y in zip(positions, block(x, *extra).split(1)):
+            outputs[p] = y
+    return BlockInputs(outputs, [()] * len(inputs))
+
+
+def block_outputs(block: nn.Module, inputs: Samples, batch_size: int) -> Samples:
     """``block`` applied to ``inputs`` in batches (no grad)."""
     with torch.no_grad():
-        return torch.cat([block(inputs[s : s + batch_size]) for s in range(0, inputs.shape[0], batch_size)])
+        chunks = [run_block(block, inputs[s : s + batch_size]) for s in range(0, inputs.shape[0], batch_size)]
+    if isinstance(inputs, torch.Tensor):
+        return torch.cat(chunks)  # type: ignore[arg-type]
+    return BlockInputs([t for c in chunks for t in c.tensors], [e for c in chunks for e in c.extras])  # type: ignore[union-attr]
+
+
+def batch_losses(block: nn.Module, inputs: Samples, targets: Samples, loss: Loss) -> torch.Tensor:
+    """Per-sample loss of ``block`` on a batch of ``inputs`` against ``targets`` (in the order of the samples)."""
+    if isinstance(inputs, torch.Tensor):
+        return sample_losses(block(inputs), targets, loss)  # type: ignore[arg-type]
+    values: list[Optional[torch.Tensor]] = [None] * len(inputs)
+    for positions, x, extra in inputs.groups():
+        target = torch.cat([targets.tensors[p] for p in positions])  # type: ignore[union-attr]
+        for p, value in zip(positions, sample_losses(block(x, *extra), target, loss)):
+            values[p] = value
+    return torch.stack(values)  # type: ignore[arg-type]
 
 
 def sample_losses(output: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Tensor:
@@ -89,11 +173,11 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def evaluate_losses(
-    block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, batch_size: int, loss: Loss
+    block: nn.Module, inputs: Samples, targets: Samples, indices: torch.Tensor, batch_size: int, loss: Loss
 ) -> torch.Tensor:
     """Per-sample loss of ``block`` on ``inputs[indices]`` in eval mode (no grad)."""
     with eval_mode(block), torch.no_grad():
-        chunks = [sample_losses(block(inputs[idx]), targets[idx], loss) for idx in indices.split(batch_size)]
+        chunks = [batch_losses(block, inputs[idx], targets[idx], loss) for idx in indices.split(batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -142,8 +226,8 @@ def _batches(active: torch.Tensor, batch_size: int, generator: torch.Generator) 
 
 def reconstruct_block(
     block: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: Samples,
+    targets: Samples,
     steps: Sequence[ReconStep],
     iters: int,
     batch_size: int,
@@ -172,7 +256,7 @@ def reconstruct_block(
             if step.before is not None:
                 step.before()
             step.optimizer.zero_grad(set_to_none=True)
-            value = sample_losses(block(inputs[idx]), targets[idx], loss).mean()
+            value = batch_losses(block, inputs[idx], targets[idx], loss).mean()
             value.backward()
             step.optimizer.step()
             if step.after is not None:
