@@ -1,0 +1,88 @@
+"""Cost of the trust checks, measured side by side in one process (issue: never a silently wrong quantized model).
+
+* invariant check: RepQ-ViT calibration (32 images) with ``keeps_fp_function`` as shipped vs replaced by a no-op;
+* coverage: fake-quant evaluation of one batch with the call-tracking hooks vs without.
+
+Random-init timm models, seeded N(0, 1) images; interleaved repeats, medians of process CPU seconds (steadier than
+wall time on a shared machine). Run from the repository root:
+
+    python benchmarks/check_overhead.py [--models deit_tiny_patch16_224] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import ptq_bench.methods.repq_vit as repq_module  # noqa: E402
+from ptq_bench.calibration import image_calibration  # noqa: E402
+from ptq_bench.methods import BitWidth, build_method  # noqa: E402
+from ptq_bench.models.coverage import tracking_calls  # noqa: E402
+
+
+@contextlib.contextmanager
+def _no_check(*_args: object):
+    yield
+
+
+def calibrate(fp: torch.nn.Module, images: torch.Tensor, checked: bool) -> tuple[float, torch.nn.Module]:
+    original = repq_module.keeps_fp_function
+    repq_module.keeps_fp_function = original if checked else _no_check
+    try:
+        start = time.process_time()
+        model = build_method("repq_vit", BitWidth(4, 4)).quantize(copy.deepcopy(fp), image_calibration(images))
+        return time.process_time() - start, model
+    finally:
+        repq_module.keeps_fp_function = original
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batch: torch.Tensor, tracked: bool) -> float:
+    start = time.process_time()
+    with tracking_calls(model) if tracked else contextlib.nullcontext():
+        model(batch)
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, RepQ-ViT W4A4, 32 calibration images, eval batch 32, CPU seconds")
+    print("| model | calibration with check / without | eval with coverage hooks / without |\n|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        fp = timm.create_model(name, pretrained=False).eval()
+        images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        with_check, without_check, tracked, plain = [], [], [], []
+        model = None
+        for _ in range(args.repeats):
+            seconds, model = calibrate(fp, images, checked=True)
+            with_check.append(seconds)
+            without_check.append(calibrate(fp, images, checked=False)[0])
+        assert model is not None
+        evaluate(model, images, tracked=False)  # warm-up
+        for _ in range(args.repeats * 3):
+            tracked.append(evaluate(model, images, tracked=True))
+            plain.append(evaluate(model, images, tracked=False))
+        calib_ratio = statistics.median(with_check) / statistics.median(without_check)
+        eval_ratio = statistics.median(tracked) / statistics.median(plain)
+        print(f"| {name} | {calib_ratio:.3f} ({statistics.median(with_check):.2f} s / {statistics.median(without_check):.2f} s) "
+              f"| {eval_ratio:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
