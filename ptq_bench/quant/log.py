@@ -6,7 +6,8 @@ an integer exponent q:
 * ``log2``:      q = clamp(round(-log2(x/δ)), 0, 2^b-1),   x̂ = 2^(-q) · δ
 * ``log_sqrt2``: q = clamp(round(-2·log2(x/δ)), 0, 2^b-1), x̂ = 2^(-ceil(q/2)) · (√2 if q is odd else 1) · δ
 
-A value whose unclamped exponent is ≥ 2^b (too small for the grid, zeros included) becomes 0. δ is chosen
+A value whose unclamped exponent is ≥ 2^b (too small for the grid, zeros included) becomes 0; inputs are
+≥ 0 (post-Softmax). δ is chosen
 like RepQ-ViT's uniform ranges: among the {0.999, 0.9999, 0.99999} quantiles of the tensor, the one whose
 quantized tensor has the smallest mean squared error (first one on ties).
 
@@ -18,11 +19,13 @@ baseline of the paper's log√2 ablation.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import abstractmethod
 from typing import ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.observers import REPQ_PERCENTILES, rowwise_quantiles
@@ -66,17 +69,37 @@ class _LogQuantizer(Quantizer):
         return (x / scale).log2_().mul_(-self.steps_per_octave).round_()
 
     def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        # exponents ≥ 2^b (zeros included) index the extra 0 at the end of the level table
+        if exp2_reproduces_levels(type(self), self.bits, x.dtype, x.device.type):
+            return self._fake_quant_exp2(x, scale)
+        return self._fake_quant_table(x, scale)
+
+    def _fake_quant_table(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The literal form: integer exponents index the level table (exponents ≥ 2^b index its final 0)."""
         index = self.exponent(x, scale).clamp_(0, self.levels).to(torch.int64)
-        return self._levels_with_zero(x.dtype, x.device)[index].mul_(scale)
+        return level_table(type(self), self.bits, x.dtype, x.device)[index].mul_(scale)
 
-    def _levels_with_zero(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[level(0), ..., level(2^b - 1), 0]: the δ = 1 grid, computed elementwise like the official code."""
-        q = torch.arange(self.levels, dtype=dtype, device=device)
-        return torch.cat([self._level_value(q), q.new_zeros(1)])
+    def _fake_quant_exp2(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """:meth:`_fake_quant_table`'s values without its int64 index and gather (where
+        :func:`exp2_reproduces_levels`), in place on one fresh tensor.
 
+        h = log2(x/δ) rounded to a multiple of 1/steps is exactly -q/steps (round is odd-symmetric, ·steps is
+        exact); h > 0 (q < 0) is clamped to 0, h ≤ -2^b/steps (q ≥ 2^b) becomes -inf, and x̂ = 2^h · δ (2^-inf = 0).
+        """
+        h = self._round_to_step_(torch.div(x, scale).log2_()).clamp_(max=0)
+        return F.threshold_(h, -self.levels / self.steps_per_octave, -math.inf).exp2_().mul_(scale)
+
+    def _round_to_step_(self, h: torch.Tensor) -> torch.Tensor:
+        """Round h in place to the nearest multiple of 1/steps, ties to an even multiple (float32/float64)."""
+        if self.steps_per_octave == 1:
+            return h.round_()
+        # adding 1.5/(eps·steps) leaves 1/steps as the last mantissa step for |h| < 0.5/(eps·steps), so the
+        # hardware's round-to-nearest-even does the rounding; subtracting it back is exact
+        shift = 1.5 / (torch.finfo(h.dtype).eps * self.steps_per_octave)
+        return h.add_(shift).sub_(shift)
+
+    @staticmethod
     @abstractmethod
-    def _level_value(self, q: torch.Tensor) -> torch.Tensor:
+    def _level_value(q: torch.Tensor) -> torch.Tensor:
         """Level value of exponent q on a grid with δ = 1."""
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +119,8 @@ class Log2Quantizer(_LogQuantizer):
     steps_per_octave = 1
     base = "2"
 
-    def _level_value(self, q: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _level_value(q: torch.Tensor) -> torch.Tensor:
         return torch.exp2(-q)
 
 
@@ -111,6 +135,31 @@ class LogSqrt2Quantizer(_LogQuantizer):
     steps_per_octave = 2
     base = "sqrt2"
 
-    def _level_value(self, q: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _level_value(q: torch.Tensor) -> torch.Tensor:
         odd_factor = torch.remainder(q, 2) * (math.sqrt(2) - 1) + 1
         return torch.exp2(-torch.ceil(q / 2)) * odd_factor
+
+
+def level_table(cls: type[_LogQuantizer], bits: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """[level(0), ..., level(2^b - 1), 0]: ``cls``'s δ = 1 grid, computed elementwise like the official code."""
+    q = torch.arange(2**bits, dtype=dtype, device=device)
+    return torch.cat([cls._level_value(q), q.new_zeros(1)])
+
+
+@functools.cache
+def exp2_reproduces_levels(cls: type[_LogQuantizer], bits: int, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether ``torch.exp2(-q / steps)`` equals ``cls``'s level table for every exponent q < 2^b, in ``dtype`` on
+    this device, through both the vectorized and the scalar (strided) kernel; float32 and float64 only.
+
+    Then :meth:`_LogQuantizer._fake_quant_exp2` is exact. log2's levels are powers of two; log√2's odd levels
+    2^-(k+1)·fl(fl(√2-1)+1) must equal exp2(-k-1/2): on an AVX-512 CPU so in float32 up to 8 bits, not in float64
+    nor where the levels are subnormal (12 bits and more), which keep the table.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    table = level_table(cls, bits, dtype, device_type)[:-1]
+    h = torch.arange(2**bits, dtype=dtype, device=device_type).div_(-cls.steps_per_octave)
+    vectorized = torch.exp2(h.repeat(max(64, 2**16 >> bits))).view(-1, h.numel())
+    strided = torch.exp2(h.repeat_interleave(2)[::2])
+    return torch.equal(vectorized, table.expand_as(vectorized)) and torch.equal(strided, table)

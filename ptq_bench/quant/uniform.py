@@ -12,6 +12,37 @@ from ptq_bench.quant.observers import OBSERVERS, affine_params, grid_bounds
 from ptq_bench.quant.registry import QUANTIZERS
 
 Granularity = Literal["tensor", "channel", "token"]
+Bounds = tuple[float, float] | tuple[torch.Tensor, torch.Tensor]
+
+
+#: largest zero-point tensor times grid size that :func:`shifted_clamp_bounds` checks exhaustively
+MAX_EXHAUSTIVE_CHECK = 1 << 22
+
+
+def shifted_clamp_bounds(zero_point: torch.Tensor, qmin: int, qmax: int) -> Bounds | None:
+    """(qmin - z, qmax - z) if ``clamp(r, qmin - z, qmax - z)`` equals ``clamp(r + z, qmin, qmax) - z`` in z's dtype
+    for every integer r (±inf included), else None; Python floats for a 0-dim z.
+
+    Equal means ``torch.equal``: a zero may differ in sign. With an integer z every sum and difference is an exact
+    integer (below 2/eps). A fractional z (RepQ-ViT's mean zero point after reparameterization) can round r + z, so
+    the identity is checked for every r from where both sides saturate low to where they saturate high: both are
+    monotone in r and bounded by their saturated values, so that range proves it for all r.
+    """
+    low, high = qmin - zero_point, qmax - zero_point
+    if not _integer_shift_is_exact(zero_point, qmin, qmax):
+        steps = torch.arange(-2, qmax - qmin + 4, dtype=zero_point.dtype, device=zero_point.device)
+        if steps.numel() * zero_point.numel() > MAX_EXHAUSTIVE_CHECK:
+            return None
+        r = torch.floor(low) + steps.reshape(-1, *[1] * zero_point.ndim)
+        if not torch.equal((r + zero_point).clamp_(qmin, qmax).sub_(zero_point), torch.clamp(r, low, high)):
+            return None
+    return (low.item(), high.item()) if zero_point.ndim == 0 else (low, high)
+
+
+def _integer_shift_is_exact(zero_point: torch.Tensor, qmin: int, qmax: int) -> bool:
+    """Whether z holds integers small enough that r + z, qmin - z and qmax - z are exact near the grid."""
+    limit = 2 / torch.finfo(zero_point.dtype).eps
+    return torch.equal(zero_point, torch.round(zero_point)) and zero_point.abs().max().item() + max(-qmin, qmax) <= limit
 
 
 @QUANTIZERS.register("uniform")
@@ -77,7 +108,6 @@ class UniformQuantizer(Quantizer):
         """Install (s, z) directly (used by reparameterizations and by tests)."""
         self.scale = scale.detach().clone().to(self.scale.device)
         self.zero_point = zero_point.detach().clone().to(self.scale.device)
-        self._zero_point_key = None
         self.calibrated = True
         self.params_changed()
 
@@ -90,24 +120,23 @@ class UniformQuantizer(Quantizer):
         if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
             q = torch.clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax)
             return (q - zero_point) * scale
-        # inference, in place on one fresh tensor. With an integer z, clamp(round(x/s) + z, qmin, qmax) - z equals
-        # clamp(round(x/s), qmin - z, qmax - z) bit for bit: four passes over memory instead of six. A fractional z
-        # (RepQ-ViT's mean zero point after reparameterization) takes the literal six-pass form, which is exact.
-        if not self._zero_point_is_integer():
+        # inference, in place on one fresh tensor: four passes where the shifted clamp is exact (see
+        # shifted_clamp_bounds), the literal six otherwise
+        bounds = self._shifted_bounds(zero_point, torch.result_type(x, scale))
+        if bounds is None:
             return torch.div(x, scale).round_().add_(zero_point).clamp_(self.qmin, self.qmax).sub_(zero_point).mul_(scale)
-        if self.granularity == "tensor":
-            return torch.div(x, scale).round_().clamp_(self.qmin - self._zero_point_value, self.qmax - self._zero_point_value).mul_(scale)
-        return torch.div(x, scale).round_().clamp_(self.qmin - zero_point, self.qmax - zero_point).mul_(scale)
+        return torch.div(x, scale).round_().clamp_(*bounds).mul_(scale)
 
-    def _zero_point_is_integer(self) -> bool:
-        """Whether z holds integers; cached per zero-point tensor (a new tensor or an in-place edit re-checks)."""
-        key = (self.zero_point.data_ptr(), self.zero_point._version)
-        if getattr(self, "_zero_point_key", None) != key:
-            z = self.zero_point
-            self._zero_point_integer = bool(torch.equal(z, torch.round(z)))
-            self._zero_point_value = float(z) if z.numel() == 1 else 0.0
-            self._zero_point_key = key
-        return self._zero_point_integer
+    def _shifted_bounds(self, zero_point: torch.Tensor, dtype: torch.dtype) -> Bounds | None:
+        """:func:`shifted_clamp_bounds` of z in ``dtype``, cached per zero-point tensor (held, so never a reused
+        address), in-place version and dtype."""
+        if self.granularity == "token":
+            return self.qmin - zero_point, self.qmax - zero_point  # dynamic z = round(-low / s): an integer
+        cache = getattr(self, "_bounds_cache", None)
+        if cache is None or cache[0] is not zero_point or cache[1] != (zero_point._version, dtype):
+            bounds = shifted_clamp_bounds(zero_point.to(dtype), self.qmin, self.qmax)
+            self._bounds_cache = cache = (zero_point, (zero_point._version, dtype), bounds)
+        return cache[2]
 
     def extra_repr(self) -> str:
         sym = "sym" if self.symmetric else "asym"
