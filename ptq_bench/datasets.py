@@ -49,7 +49,9 @@ def image_loader(mode: str) -> Callable[[str], Image.Image]:
             with open(path, "rb") as handle:
                 image = Image.open(handle)
                 return image.convert(mode)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except Image.DecompressionBombError:
+            raise DataError(f"image too large to decode safely (PIL decompression-bomb limit): {path}") from None
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
             raise DataError(f"corrupt or unreadable image: {path} ({type(error).__name__})") from None
 
     return load

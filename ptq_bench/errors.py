@@ -23,3 +23,7 @@ class CoverageError(PTQBenchError):
 
 class InvariantError(PTQBenchError):
     """A transform that must keep the FP function changed it."""
+
+
+class NumericalError(PTQBenchError):
+    """NaN or Inf in weights, calibration statistics or model outputs: no number is better than a wrong one."""

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptq_bench import __version__
+from ptq_bench.checks import boolean, integer, writable_directory
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
 from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules, tracking_calls
@@ -45,18 +46,6 @@ class RunSettings:
     force: bool
 
 
-def _integer(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
-    return value
-
-
-def _boolean(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: must be true or false")
-    return value
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto``: cuda when available, else cpu; a named device must exist."""
     if name == "auto":
@@ -71,26 +60,24 @@ def resolve_device(name: str) -> torch.device:
 
 
 def read_settings(cfg: DictConfig, method_uses_calibration: bool) -> RunSettings:
-    try:
-        bits = BitWidth(int(cfg.bits.w), int(cfg.bits.a)) if _whole(cfg.bits.w) and _whole(cfg.bits.a) else None
-    except (TypeError, ValueError):
-        bits = None
-    if bits is None:
-        raise ConfigError(f"bits.w and bits.a must be integers, got w={cfg.bits.w!r} a={cfg.bits.a!r}")
+    """The run-wide settings, each checked by type and range (one line naming the key otherwise)."""
+    bits = BitWidth(_bits(cfg.bits.w, "bits.w"), _bits(cfg.bits.a, "bits.a"))
     calib = cfg.method.get("calib_size", 0)
     return RunSettings(
         bits=bits,
-        seed=_integer(cfg.seed, "seed", 0),
+        seed=integer(cfg.seed, "seed", 0),
         device=resolve_device(str(cfg.device)),
-        calib_size=_integer(calib, "method.calib_size", 1) if method_uses_calibration else 0,
-        progress=_boolean(cfg.task.progress, "task.progress"),
-        force=_boolean(cfg.force, "force"),
+        calib_size=integer(calib, "method.calib_size", 1) if method_uses_calibration else 0,
+        progress=boolean(cfg.task.progress, "task.progress"),
+        force=boolean(cfg.force, "force"),
     )
 
 
-def _whole(value: Any) -> bool:
-    """An int, or a string spelling one ("4"); never a float such as 2.5 (which int() would truncate)."""
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
+def _bits(value: Any, key: str) -> int:
+    """A bit-width: an int, or a string spelling one ("4"); never a float such as 2.5 (int() would truncate it)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return integer(value, key)
 
 
 def seed_everything(seed: int) -> None:
@@ -143,14 +130,15 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
     settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration)
     method = build_method(cfg.method, settings.bits, seed=settings.seed, progress=settings.progress)
     task = task_cls(cfg, settings.progress)
+    task.validate()
     label = run_label(cfg, method)
-    store = RecordStore(cfg.results_dir)
+    store = RecordStore(writable_directory(cfg.results_dir, "results_dir"))
     check_online(cfg.logger)
 
     seed_everything(settings.seed)
     model, info = task.build_model()
     method.check(model)
-    task.check_data()
+    task.check_data(settings.calib_size)
     key = run_key(identity(task, cfg, method, settings, info.weights_sha256))
     stored = None if settings.force else store.load_valid(key)  # a damaged record is set aside and the run redone
     if stored is not None:

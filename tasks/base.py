@@ -31,6 +31,10 @@ class Task(ABC):
         self.progress = progress
 
     @abstractmethod
+    def validate(self) -> None:
+        """Check the task's and the data's config values by type and range (one line each), before any work."""
+
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
         """Task options and data settings that determine a result (enters the run key)."""
 
@@ -42,8 +46,9 @@ class Task(ABC):
         """The record's ``model`` section."""
         return {**info.__dict__, "display": self.cfg.model.get("display", info.name)}
 
-    def check_data(self) -> None:
-        """Open the data the run will read (one-line errors for a missing root or an empty split) before any work."""
+    def check_data(self, calib_size: int) -> None:
+        """Open the data the run will read (one-line errors for a missing root, an empty split, fewer train samples
+        than ``calib_size``) before any calibration or evaluation."""
 
     @abstractmethod
     def calibration(self, size: int, seed: int, device: torch.device) -> CalibrationData:

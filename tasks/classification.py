@@ -16,12 +16,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ptq_bench.calibration import CalibrationData, tensor_sha256
+from ptq_bench.checks import boolean, choice, integer, number, optional_integer
 from ptq_bench.datasets import MnistIdx, image_folder, resolve_workers
-from ptq_bench.errors import ConfigError, DataError
+from ptq_bench.errors import ConfigError, DataError, NumericalError
 from ptq_bench.eval_transform import eval_transform
 from ptq_bench.models.build import ModelInfo, build_model
 from tasks import TASKS
 from tasks.base import Task
+
+
+#: Interpolations timm's eval transform accepts.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
 def make_dataset(data_cfg: DictConfig, split: str, transform: Any) -> Dataset:
@@ -65,6 +70,8 @@ def accuracy(
     for images, labels in tqdm(loader, desc=f"eval {label}", unit="batch", disable=not progress):
         images, labels = images.to(device), labels.to(device)
         logits = forward(model, images)
+        if not torch.isfinite(logits).all():
+            raise NumericalError(f"the model under evaluation ({label}) produced NaN or Inf logits")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == labels).sum().item()
         correct5 += (top == labels[:, None]).any(dim=1).sum().item()
@@ -94,6 +101,29 @@ class Classification(Task):
         self.transform_cfg: dict[str, Any] = {}
         self.val: Dataset | None = None
 
+    def validate(self) -> None:
+        task, data = self.cfg.task, self.cfg.data
+        integer(task.batch_size, "task.batch_size", 1)
+        boolean(task.get("compare_fp", False), "task.compare_fp")
+        choice(data.kind, "data.kind", ("imagefolder", "mnist"))
+        optional_integer(data.get("max_eval_images"), "data.max_eval_images", 1)
+        if data.kind == "mnist":
+            integer(data.train_count, "data.train_count", 1)
+        resolve_workers(data.get("workers"))
+        if data.get("channels") is not None:
+            choice(data.channels, "data.channels", (1, 3))
+        if data.get("crop_pct") is not None:
+            number(data.crop_pct, "data.crop_pct", 0.0, 1.0, low_open=True)
+        if data.get("interpolation") is not None:
+            choice(data.interpolation, "data.interpolation", INTERPOLATIONS)
+        for key in ("mean", "std"):
+            values = data.get(key)
+            if values is not None:
+                if not OmegaConf.is_list(values) or not values:
+                    raise ConfigError(f"data.{key}={values!r}: must be a list of numbers, one per channel")
+                for value in values:
+                    number(value, f"data.{key}", 0.0 if key == "std" else -1e9, 1e9, low_open=key == "std")
+
     def identity(self) -> dict[str, Any]:
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         data.pop("workers", None)
@@ -107,9 +137,13 @@ class Classification(Task):
     def describe_model(self, model: nn.Module, info: ModelInfo) -> dict[str, Any]:
         return {**super().describe_model(model, info), "transform": self.transform_cfg}
 
-    def check_data(self) -> None:
+    def check_data(self, calib_size: int) -> None:
         val = make_dataset(self.cfg.data, self.cfg.data.val_split, self.transform)
         self.val = eval_subset(val, self.cfg.data.get("max_eval_images"), int(self.cfg.seed))
+        if calib_size:
+            train_size = len(make_dataset(self.cfg.data, self.cfg.data.train_split, self.transform))
+            if calib_size > train_size:
+                raise ConfigError(f"method.calib_size={calib_size}: the train split has only {train_size} images")
 
     def calibration(self, size: int, seed: int, device: torch.device) -> CalibrationData:
         train = make_dataset(self.cfg.data, self.cfg.data.train_split, self.transform)
@@ -124,6 +158,6 @@ class Classification(Task):
 
     def evaluate(self, model: nn.Module, device: torch.device, label: str, fp_model: nn.Module | None = None) -> dict[str, Any]:
         if self.val is None:
-            self.check_data()
+            self.check_data(0)
         loader = DataLoader(self.val, batch_size=int(self.cfg.task.batch_size), num_workers=resolve_workers(self.cfg.data.get("workers")))
         return accuracy(self.forward, model, loader, device, label, self.progress, fp_model)

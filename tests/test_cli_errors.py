@@ -40,7 +40,7 @@ def test_unknown_method_name(tmp_path):
     assert_clean_error(run_cli("method.name=magic", f"results_dir={tmp_path}", *FAST), "unknown method 'magic'")
 
 
-@pytest.mark.parametrize("override, phrase", [("bits.w=9", "weight bit-width 9"), ("bits.a=1", "activation bit-width 1"), ("bits.w=four", "integers")])
+@pytest.mark.parametrize("override, phrase", [("bits.w=9", "weight bit-width 9"), ("bits.a=1", "activation bit-width 1"), ("bits.w=four", "bits.w='four': must be an integer")])
 def test_impossible_bit_width(tmp_path, override, phrase):
     assert_clean_error(run_cli(override, f"results_dir={tmp_path}", *FAST), phrase)
 

@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException
 from torch import nn
 
 from ptq_bench.datasets import expand_path
-from ptq_bench.errors import CheckpointError, ConfigError
+from ptq_bench.errors import CheckpointError, ConfigError, NumericalError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,12 @@ def load_checkpoint_(model: nn.Module, path: Path) -> None:
             problems.append(f"{len(keys)} {label} (e.g. {keys[0]})")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(problems)}")
+    for key, value in state.items():
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(
+                f"checkpoint {path}: '{key}' is {str(value.dtype).removeprefix('torch.')} where the model has "
+                f"{str(own[key].dtype).removeprefix('torch.')} (convert the checkpoint to floating point first)"
+            )
     model.load_state_dict(state, strict=True)
 
 
@@ -141,6 +147,13 @@ def builder_error(cfg: Mapping[str, Any], error: InstantiationException) -> Conf
     return ConfigError(f"cannot build model '{cfg['name']}': {first_line(cause)}")
 
 
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse weights with NaN or Inf, naming the first tensor that has them."""
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NumericalError(f"weights of {source} contain NaN or Inf (first in '{key}')")
+
+
 def build_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo]:
     """Instantiate ``cfg.builder``, load ``cfg.checkpoint`` if given; returns the model in eval mode and its info."""
     weights = cfg.get("weights")
@@ -163,6 +176,7 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo]:
         log.warning("model '%s' has random weights (no model.checkpoint, model.pretrained=false): top-1 is not "
                     "comparable with published numbers (model.weights=builder if the builder loads trained weights)",
                     cfg["name"])
+    check_finite(model, str(checkpoint or cfg["name"]))
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     info = ModelInfo(str(cfg["name"]), str(checkpoint) if checkpoint else None, sha, num_params, random_init)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
-from ptq_bench.errors import CoverageError
+from ptq_bench.errors import CoverageError, NumericalError
 from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 
@@ -49,7 +50,8 @@ def _summary(names: list[str], limit: int = 4) -> str:
 
 
 def check_calibrated(model: nn.Module) -> None:
-    """Raise one line naming the enabled quantizers that never observed data (their layer never ran)."""
+    """Raise one line naming the enabled quantizers that never observed data (their layer never ran), or whose
+    calibrated parameters are not finite."""
     silent = [
         f"{name}.{slot}"
         for name, layer in model.named_modules()
@@ -59,6 +61,15 @@ def check_calibrated(model: nn.Module) -> None:
     ]
     if silent:
         raise CoverageError(f"{len(silent)} quantizer(s) never observed data during calibration: {_summary(silent)} ({LIKELY_CAUSE})")
+    broken = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, Quantizer) and module.enabled
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if broken:
+        raise NumericalError(f"calibration gave NaN or Inf quantizer parameters: {_summary(sorted(set(broken)))}")
 
 
 @contextmanager
