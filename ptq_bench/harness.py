@@ -26,6 +26,7 @@ from ptq_bench.checks import boolean, integer, writable_directory
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
 from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules, tracking_calls
+from ptq_bench.protocol import apply_protocol
 from ptq_bench.results.environment import environment, peak_memory, start_memory_tracking
 from ptq_bench.results.store import SCHEMA_VERSION, RecordStore, run_key
 from ptq_bench.tracking import check_online, log_to_wandb
@@ -126,6 +127,10 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
     """Quantize and evaluate one run; returns its record (the stored one when the run already has a record)."""
     from tasks import TASKS
 
+    cfg, protocol = apply_protocol(cfg)  # per-method options, budget caps, checkpoint folder, paper-table cells
+    if protocol.skip:  # a job of an experiment's sweep that is not a cell of its table, or a dry run
+        log.info("%s", protocol.skip)
+        return {"run_key": "", "skipped": protocol.skip}
     task_cls = TASKS.get(str(cfg.task.name))
     settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration)
     method = build_method(cfg.method, settings.bits, seed=settings.seed, progress=settings.progress)
@@ -172,6 +177,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "method_label": method_label(method, overrides),
         "method_overrides": sorted(o for o in overrides if o.lstrip("+~").startswith("method.")),
+        "protocol": protocol.as_record(),  # budget, what it capped, method_options given for this method
         "bits": {"w": settings.bits.w, "a": settings.bits.a, "label": settings.bits.label} if method.uses_bits else None,
         "seed": settings.seed,
         "calibration": calibration,

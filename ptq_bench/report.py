@@ -1,6 +1,8 @@
 """Aggregate run records into paper-style tables.
 
     python -m ptq_bench.report [--runs results/runs] [--out results/tables] [--name table] [--model deit_tiny ...]
+    python -m ptq_bench.report --paper repqvit_table1 [--sources]   # one paper's table, its exact layout
+    python -m ptq_bench.report --papers                            # the paper tables and how many cells run here
     python -m ptq_bench.report --quantized <run_key>     # what one run quantized: module, role, bits, quantizer
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ptq_bench.errors import ConfigError
 from ptq_bench.results.report import markdown, paper_table, quantized_table, records_frame, write_report
 from ptq_bench.results.store import RecordStore
 
@@ -19,11 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Turn run records into Markdown/LaTeX/CSV tables and a plot.")
     parser.add_argument("--runs", type=Path, default=REPO / "results" / "runs", help="directory of run records")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "tables", help="where to write the tables")
-    parser.add_argument("--name", default="table", help="file name stem of the outputs")
+    parser.add_argument("--name", default=None, help="file name stem of the outputs (default: table, or the paper table's name)")
     parser.add_argument("--model", nargs="*", help="keep only these models (harness names, e.g. deit_tiny)")
     parser.add_argument("--method", nargs="*", help="keep only these methods (e.g. fp minmax repq_vit)")
     parser.add_argument("--metric", default=None, help="default: each task's primary metric (top1, bbox_mAP); or top5, "
                         "fp_top1_agreement, logit_cosine, segm_mAP, ...")
+    parser.add_argument("--paper", metavar="TABLE", help="lay out one paper table (conf/paper/TABLE.yaml) in its layout, "
+                        "published-only rows and not-yet-run cells included")
+    parser.add_argument("--sources", action="store_true", help="with --paper: also print where each published value comes from")
+    parser.add_argument("--papers", action="store_true", help="list the paper tables with their cell counts, and stop")
     parser.add_argument("--quantized", metavar="RUN_KEY", help="print what the run RUN_KEY quantized, and stop")
     args = parser.parse_args(argv)
     if args.quantized:
@@ -32,22 +39,61 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(1, f"error: no valid record {args.quantized} in {args.runs}\n")
         print(quantized_table(record))
         return 0
-    valid, skipped = RecordStore(args.runs).scan()
+    if args.papers:
+        print(papers_table())
+        return 0
+    valid, skipped = RecordStore(args.runs).scan() if args.runs.is_dir() else ([], [])
     if skipped:
         print(f"skipped {len(skipped)} damaged record file(s) in {args.runs} (named in the warnings above)")
     records = [
         r for r in valid
         if (not args.model or r["model"]["name"] in args.model) and (not args.method or r["method"]["name"] in args.method)
     ]
+    if args.paper:
+        return paper_report(args.paper, records, args.out, args.name, args.sources, parser)
     if not records:
         parser.exit(1, f"error: no run records in {args.runs}\n")
     frame = records_frame(records, metric=args.metric)
     if frame.empty:
         parser.exit(1, f"error: no record in {args.runs} has metric '{args.metric or 'primary'}'\n")
-    paths = write_report(frame, args.out, args.name)
+    paths = write_report(frame, args.out, args.name or "table")
     print(markdown(paper_table(frame)))
     print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def paper_report(name: str, records: list[dict], out: Path, stem: str | None, show_sources: bool,
+                 parser: argparse.ArgumentParser) -> int:
+    """Print and write the paper table ``name`` from ``records`` (none needed: published values and gaps show)."""
+    from ptq_bench.results import paper
+
+    try:
+        spec = paper.load_spec(name)
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")
+    cells, paths = paper.regenerate(spec, records, out, stem)
+    print(paper.to_markdown(spec, paper.wide(spec, cells)))
+    if show_sources:
+        table = paper.sources(cells)
+        print("Sources of the published values:\n\n" + (table.to_markdown(index=False, disable_numparse=True) if len(table) else "(none)"))
+    done = int((cells["status"] == "reproduced").sum()) if len(cells) else 0
+    runnable = int(cells["status"].isin(["reproduced", "missing"]).sum()) if len(cells) else 0
+    print(f"\n{done} of {runnable} reproducible cells have records. written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def papers_table() -> str:
+    """The paper tables: title, cells printed, reproducible here (run rows on available models), published only."""
+    import pandas as pd
+
+    from ptq_bench.results import paper
+
+    rows = []
+    for name in paper.spec_names():
+        spec = paper.load_spec(name)
+        counts = paper.coverage(spec)
+        rows.append({"table": name, "task": spec.task, "title": spec.title, **counts})
+    return pd.DataFrame(rows).to_markdown(index=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Experiment tracking: a real wandb run per record (offline by default, ``logger=none`` to switch off).
+"""Experiment tracking: a real wandb run per record (offline by default, ``logger=none`` to switch off), with the
+run's row of the table (model, method label, bits, metric, reproduced, published, Δ); a sweep's final table and
+plot as one artifact.
 
 With ``logger.mode=online`` the harness calls :func:`check_online` before any work, so a missing network fails in
 seconds with one line; a failure while logging a finished run is a warning (the record is already written).
@@ -123,6 +125,62 @@ def _log_run(logger_cfg: Mapping[str, Any], mode: str, record: Mapping[str, Any]
     )
     metrics = {f"metrics/{k}": v for k, v in record["metrics"].items()}
     timings = {f"timings/{k}": v for k, v in record["timings"].items()}
-    run.log({**metrics, **timings})
-    run.summary.update({"run_key": record["run_key"], **metrics})
+    row = table_row(record)
+    logged: dict[str, Any] = {**metrics, **timings}
+    if row and hasattr(wandb, "Table"):  # the row also goes to the summary (table_row/<column>)
+        logged["table_row"] = wandb.Table(columns=list(row), data=[list(row.values())])
+    run.log(logged)
+    run.summary.update({"run_key": record["run_key"], **metrics, **{f"table_row/{k}": v for k, v in row.items()}})
+    run.finish()
+
+
+def table_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's row of the report: model, method (label with options and budget), bits, metric, reproduced
+    value, published value, Δ and the published value's source ({} when the record has no primary metric)."""
+    from ptq_bench.results.report import records_frame
+
+    frame = records_frame([record])
+    if frame.empty:
+        return {}
+    row = frame.iloc[0]
+    published = None if row["published"] is None or row["published"] != row["published"] else float(row["published"])
+    return {"model": row["model"], "method": row["method"], "bits": row["bits"], "metric": row["metric"],
+            "value": float(row["value"]), "published": published,
+            "delta": None if published is None else float(row["value"]) - published, "source": row["source"] or ""}
+
+
+def log_table_artifact(logger_cfg: Mapping[str, Any], paths: Mapping[str, Path], name: str, directory: Path) -> bool:
+    """Log a sweep's table files (``paths``: md/tex/csv/png...) as one wandb artifact of type ``paper-table``, the
+    CSV as a wandb Table and the plot as an image, in a run of its own. Offline unless ``logger.mode=online``;
+    a failure is one warning (the files are written already)."""
+    mode = wandb_mode(logger_cfg)
+    if mode == "disabled":
+        return True
+    try:
+        _log_artifact(logger_cfg, mode, paths, name, directory)
+    except Exception as error:  # noqa: BLE001 - any wandb failure: the tables stand
+        log.warning("table %s was written, but logging it to wandb failed: %s: %s", name, type(error).__name__,
+                    " ".join(str(error).split())[:300])
+        return False
+    return True
+
+
+def _log_artifact(logger_cfg: Mapping[str, Any], mode: str, paths: Mapping[str, Path], name: str, directory: Path) -> None:
+    import pandas as pd
+    import wandb
+
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {"silent": True, **({"base_url": wandb_host(logger_cfg)} if logger_cfg.get("host") else {})}
+    run = wandb.init(project=str(logger_cfg.get("project", "ptq-bench")), entity=logger_cfg.get("entity"), mode=mode,
+                     dir=str(directory), name=f"table {name}", job_type="paper-table", settings=wandb.Settings(**settings))
+    artifact = wandb.Artifact("".join(c if c.isalnum() or c in "-_." else "-" for c in name), type="paper-table")
+    for path in paths.values():
+        artifact.add_file(str(path))
+    logged: dict[str, Any] = {}
+    if "csv" in paths:
+        logged["table"] = wandb.Table(dataframe=pd.read_csv(paths["csv"]).astype(str))
+    if "png" in paths:
+        logged["plot"] = wandb.Image(str(paths["png"]))
+    run.log(logged)
+    run.log_artifact(artifact)
     run.finish()

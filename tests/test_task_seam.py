@@ -179,7 +179,7 @@ def test_unsupported_multihead_attention_is_refused() -> None:
 
 def test_method_options_come_from_the_yaml_typed() -> None:
     method = build_method("aiqvit", BitWidth(4, 4))
-    assert method.options.iters == 600 and method.options.search_iters == 200  # conf/method/aiqvit.yaml
+    assert method.options.iters == 6000 and method.options.search_iters == 2000  # conf/method/aiqvit.yaml (paper)
     for bad, phrase in (
         ({"iters": 2.5}, "method.iters=2.5: expected an integer"),
         ({"lowrank": "maybe"}, "method.lowrank='maybe': expected true or false"),

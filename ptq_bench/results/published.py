@@ -1,12 +1,19 @@
-"""Published numbers: load ``results/published/published.csv`` and look up the number a run reproduces.
+"""Published numbers: load ``results/published/published.csv`` and choose the one number a table cell shows.
 
 Rows are keyed by the CSV's (task, metric), which :data:`METRIC_KEYS` maps from a record's (task, metric): every
 task's published rows are loaded, and a task adapter's metric finds its published counterpart here.
+
+Several papers (and a paper's PDF and its repository's README) often print a value for the same method, model
+and bit-width. :func:`choose` keeps one per cell: the table's own source first (a paper's table spec names its
+paper and table), then the method's own paper, then any other; primary sources before ``SECONDARY`` ones. The
+values of the other sources that disagree are kept as notes, so the report can say where each number comes from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -30,6 +37,21 @@ METRIC_KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("coco", "segm_mAP"): ("seg", "mask_ap"),
 }
 COLUMNS = ["paper", "method", "model", "task", "dataset", "wbits", "abits", "metric", "value", "source"]
+SECONDARY = "SECONDARY"
+
+
+@dataclass(frozen=True)
+class Published:
+    """The one published value of a cell, where it comes from, and what other sources print for it."""
+
+    value: float
+    paper: str
+    source: str
+    others: tuple[str, ...] = field(default=())  # "78.29 (APHQ-ViT: ... Table 1)" for sources that disagree
+
+    @property
+    def where(self) -> str:
+        return f"{self.paper}: {self.source}"
 
 
 def load_published(path: Path = DEFAULT_CSV) -> pd.DataFrame:
@@ -39,22 +61,54 @@ def load_published(path: Path = DEFAULT_CSV) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def candidates(table: pd.DataFrame, task: str, metric: str, method: str, model: str,
+               wbits: int | None, abits: int | None) -> pd.DataFrame:
+    """The CSV rows for CSV ``method`` on CSV ``model`` at ``wbits``/``abits`` (None: full precision) of the record
+    (task, metric); empty when the metric has no published counterpart."""
+    if (task, metric) not in METRIC_KEYS or table.empty:
+        return table.iloc[0:0]
+    csv_task, csv_metric = METRIC_KEYS[(task, metric)]
+    w, a = (32, 32) if wbits is None else (wbits, abits)
+    keep = ((table["task"] == csv_task) & (table["metric"] == csv_metric) & (table["method"] == method)
+            & (table["model"] == model) & (table["wbits"] == w) & (table["abits"] == a))
+    return table[keep]
+
+
+def choose(rows: pd.DataFrame, own_paper: str | None = None, own_source: str | None = None,
+           papers: Sequence[str] = ()) -> Published | None:
+    """One value of ``rows`` (candidates of one cell): the table's own (``own_paper`` and ``own_source`` in the
+    source), then ``own_paper``, then ``papers`` in order, then any other; within each, primary before secondary
+    sources and a paper's table before a repository README."""
+    if rows.empty:
+        return None
+
+    def rank(row: pd.Series) -> tuple[int, int, int]:
+        paper, source = str(row["paper"]), str(row["source"])
+        if own_paper and paper == own_paper and own_source and own_source in source:
+            group = 0
+        elif own_paper and paper == own_paper:
+            group = 1
+        elif paper in papers:
+            group = 2 + list(papers).index(paper)
+        else:
+            group = 2 + len(papers)
+        return group, int(SECONDARY in source), int(group > 0 and "README" in source)  # a paper's table before a README
+
+    ranked = sorted(rows.to_dict("records"), key=lambda r: rank(pd.Series(r)))
+    best = ranked[0]
+    value = float(best["value"])
+    others = tuple(dict.fromkeys(f"{float(r['value']):g} ({r['paper']}: {r['source']})"
+                                 for r in ranked[1:] if abs(float(r["value"]) - value) > 1e-9))
+    return Published(value, str(best["paper"]), str(best["source"]), others)
+
+
 def published_value(
     table: pd.DataFrame, task: str, metric: str, method: str, model: str, wbits: int | None, abits: int | None
 ) -> tuple[float | None, str | None]:
     """The published ``metric`` of harness ``method`` on ``model`` (its display name, e.g. "DeiT-T") for ``task``,
-    or (None, None) when none is filed."""
-    if method not in METHOD_ALIASES or (task, metric) not in METRIC_KEYS:
+    or (None, None) when none is filed; the method's own paper first, primary before secondary sources."""
+    if method not in METHOD_ALIASES:
         return None, None
-    csv_task, csv_metric = METRIC_KEYS[(task, metric)]
     name, papers = METHOD_ALIASES[method]
-    rows = table[(table["task"] == csv_task) & (table["metric"] == csv_metric) & (table["method"] == name) & (table["model"] == model)]
-    if wbits is None:
-        rows = rows[(rows["wbits"] == 32) & (rows["abits"] == 32)]
-    else:
-        rows = rows[(rows["wbits"] == wbits) & (rows["abits"] == abits)]
-    for paper in papers:
-        match = rows[rows["paper"] == paper]
-        if len(match):
-            return float(match.iloc[0]["value"]), f"{paper}: {match.iloc[0]['source']}"
-    return None, None
+    chosen = choose(candidates(table, task, metric, name, model, wbits, abits), papers=papers)
+    return (chosen.value, chosen.where) if chosen else (None, None)

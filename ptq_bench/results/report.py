@@ -6,12 +6,14 @@ A table shows one metric; by default each record's task's primary metric (``top1
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from ptq_bench.results.paper import format_value
 from ptq_bench.results.published import load_published, published_value
 
 log = logging.getLogger(__name__)
@@ -26,13 +28,78 @@ METRIC_LABELS = {
 }
 
 
+def user_options(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's method options (``calib_size`` included) that differ from its method's YAML, the paper's
+    values, leaving out those only the budget changed; {} for records that keep only the method name."""
+    from ptq_bench.protocol import option_changes, same_value
+
+    method = record["method"]
+    if len(method) <= 1:
+        return {}
+    changes = option_changes(str(method["name"]), method)
+    budget = (record.get("protocol") or {}).get("budget_changes") or {}
+    for key, (before, _after) in budget.items():
+        if key in changes and same_value(before, _yaml_value(str(method["name"]), key)):
+            del changes[key]
+    return changes
+
+
+def _yaml_value(name: str, key: str) -> Any:
+    from ptq_bench.methods.options import method_defaults
+
+    try:
+        return method_defaults(name).get(key)
+    except Exception:  # noqa: BLE001 - a method renamed or removed since the record
+        return None
+
+
+def options_label(record: Mapping[str, Any]) -> str:
+    """``key=value, ...`` of the options the record's run chose over the paper's (sorted), "" when none."""
+    if len(record["method"]) > 1:
+        return ", ".join(f"{k}={_text(v)}" for k, v in sorted(user_options(record).items()))
+    extras = [o.lstrip("+~").removeprefix("method.") for o in record.get("method_overrides", [])
+              if not o.lstrip("+~").startswith("method.calib_size")]
+    return ", ".join(sorted(extras))
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_text(v) for v in value) + "]"
+    return str(value)
+
+
+def protocol_label(record: Mapping[str, Any]) -> str:
+    """What else differs from the paper's protocol: the budget's changes, an evaluation subset; "" when nothing."""
+    parts = []
+    protocol = record.get("protocol") or {}
+    if protocol.get("budget_changes"):
+        changed = ", ".join(f"{k}={v[1]}" for k, v in sorted(protocol["budget_changes"].items()))
+        parts.append(f"budget={protocol.get('budget')}: {changed}")
+    data = (record.get("config") or {}).get("data") or {}
+    if data.get("max_eval_images"):
+        parts.append(f"eval {data['max_eval_images']} imgs")
+    return "; ".join(parts)
+
+
 def method_label(record: Mapping[str, Any]) -> str:
-    """The method name with its option overrides (the harness writes it; older records: name + overrides)."""
-    if record.get("method_label"):
-        return str(record["method_label"])
+    """The method name with the options its run chose over the paper's and any other protocol change, e.g.
+    ``aiqvit [rank=20; budget=smoke: calib_size=32, iters=20]``."""
+    extras = "; ".join(p for p in (options_label(record), protocol_label(record)) if p)
     name = str(record["method"]["name"])
-    extras = [o.removeprefix("method.") for o in record.get("method_overrides", []) if not o.startswith("method.calib_size")]
-    return f"{name} [{', '.join(extras)}]" if extras else name
+    if not extras and record.get("method_label") and len(record["method"]) <= 1:
+        return str(record["method_label"])
+    return f"{name} [{extras}]" if extras else name
+
+
+def _variant(record: Mapping[str, Any]) -> dict[str, str]:
+    """What else a run depends on besides method, model, bits and seed: the weights and the data settings."""
+    data = dict((record.get("config") or {}).get("data") or {})
+    for key in ("root", "workers", "max_eval_images"):
+        data.pop(key, None)
+    variant = {f"data.{k}": _text(v) for k, v in data.items()}
+    if record["model"].get("weights_sha256"):
+        variant["weights"] = str(record["model"]["weights_sha256"])[:8]
+    return variant
 
 
 def has_trained_weights(record: Mapping[str, Any]) -> bool:
@@ -50,7 +117,8 @@ def records_frame(
     """Long format: one row per record with the reproduced metric (``value``), the published value and the delta.
 
     ``metric`` None takes each record's primary metric; records without the chosen metric are left out. Rows of
-    different tasks or metrics never share a cell (the cell key includes both)."""
+    different tasks or metrics never share a cell (the cell key includes both). A run repeated with the same seed
+    and settings (e.g. new code) keeps its newest record; different seeds stay (see :func:`aggregate`)."""
     published = load_published() if published is None else published
     rows = []
     for record in records:
@@ -65,13 +133,20 @@ def records_frame(
         if has_trained_weights(record):
             value, source = published_value(published, task, chosen, str(record["method"]["name"]), model, wbits, abits)
         reproduced = float(record["metrics"][chosen])
+        variant = _variant(record)
         rows.append({
             "task": task,
             "metric": chosen,
             "method": method_label(record),
+            "method_name": str(record["method"]["name"]),
+            "options": options_label(record),
+            "protocol": protocol_label(record),
             "bits": f"W{wbits}A{abits}" if bits else "32/32",
             "wbits": wbits or 32,
             "model": model,
+            "model_name": str(record["model"]["name"]),
+            "seed": record.get("seed"),
+            "variant": json.dumps(variant, sort_keys=True),
             "value": reproduced,
             "published": value,
             "delta": None if value is None else reproduced - value,
@@ -87,28 +162,73 @@ def records_frame(
         return frame
     metrics = sorted(set(frame["metric"]))
     frame.attrs["metric"] = metrics[0] if len(metrics) == 1 else "/".join(metrics)
-    # the newest record wins when the same cell was run twice with different run keys (e.g. new code)
-    cell = ["task", "metric", "method", "bits", "model"]
-    competing = int(frame.duplicated(cell).sum())
+    frame["seed"] = frame["seed"].astype(object).where(frame["seed"].notna(), -1)
+    same_run = ["task", "metric", "method", "bits", "model", "variant", "seed"]
+    competing = int(frame.duplicated(same_run).sum())
     if competing:
-        log.warning("%d record(s) compete for a table cell already filled (other data, seed or code version): "
-                    "the newest is shown; filter with --model/--method or use a separate --runs directory", competing)
-    frame = frame.sort_values("created").drop_duplicates(cell, keep="last")
-    return frame.sort_values(["task", "metric", "wbits", "bits", "method", "model"], ascending=[True, True, False, True, True, True]).reset_index(drop=True)
+        log.warning("%d record(s) repeat a run already in the table (same settings and seed, e.g. other code "
+                    "version): the newest is shown; filter with --model/--method or use a separate --runs directory", competing)
+    frame = frame.sort_values("created").drop_duplicates(same_run, keep="last")
+    return sort_frame(frame).reset_index(drop=True)
+
+
+def sort_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Full precision first, then bit-widths ascending; models in the papers' usual order (others after)."""
+    rank = {name: i for i, name in enumerate(MODEL_ORDER)}
+    keyed = frame.assign(_bits=frame["wbits"].where(frame["bits"] != "32/32", 0),
+                         _model=frame["model"].map(lambda m: rank.get(m, len(rank))))
+    keyed = keyed.sort_values(["task", "metric", "_bits", "bits", "method", "_model", "model"], kind="stable")
+    return keyed.drop(columns=["_bits", "_model"])
+
+
+#: The model order of the papers' tables (ViT, DeiT, Swin; small to large); other models follow.
+MODEL_ORDER = ("ViT-S", "ViT-B", "DeiT-T", "DeiT-S", "DeiT-B", "Swin-T", "Swin-S", "Swin-B",
+               "MaskRCNN-Swin-T", "MaskRCNN-Swin-S", "CascadeMaskRCNN-Swin-T", "CascadeMaskRCNN-Swin-S")
+CELL = ["task", "metric", "method", "method_name", "options", "protocol", "bits", "wbits", "model", "model_name"]
+
+
+def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per table cell and protocol: seeds → ``value`` (mean), ``std``, ``n``. Records of one cell that
+    differ in weights or data settings are never averaged: each keeps its own row, its ``protocol`` naming what
+    differs (``weights=1a2b3c4d``)."""
+    if frame.empty:
+        return pd.DataFrame(columns=[*CELL, "value", "std", "n", "published", "source", "run_keys", "created", "delta"])
+    frame = frame.copy()
+    for _, group in frame.groupby(CELL, dropna=False, sort=False):
+        variants = list(dict.fromkeys(group["variant"]))
+        if len(variants) < 2:
+            continue
+        parsed = [json.loads(v) for v in variants]
+        differ = sorted({k for p in parsed for k in p if len({q.get(k) for q in parsed}) > 1})
+        for variant, values in zip(variants, parsed):
+            note = ", ".join(f"{k}={values.get(k)}" for k in differ)
+            index = group.index[group["variant"] == variant]
+            frame.loc[index, "protocol"] = [f"{p}; {note}" if p else note for p in frame.loc[index, "protocol"]]
+            frame.loc[index, "method"] = [f"{m} {{{note}}}" for m in frame.loc[index, "method"]]
+    grouped = frame.groupby(CELL, dropna=False, sort=False)
+    out = grouped.agg(value=("value", "mean"), std=("value", "std"), n=("value", "size"),
+                      published=("published", "first"), source=("source", "first"),
+                      run_keys=("run_key", lambda keys: " ".join(keys)), created=("created", "max")).reset_index()
+    out["delta"] = out["value"] - out["published"]
+    out.attrs.update(frame.attrs)
+    return sort_frame(out).reset_index(drop=True)
 
 
 def _cell(row: pd.Series, digits: int = 2) -> str:
+    text = format_value(row["value"], row.get("std"), int(row.get("n", 1)), digits)
     if pd.isna(row["published"]):
-        return f"{row['value']:.{digits}f}"
-    return f"{row['value']:.{digits}f} ({row['published']:.2f}, {row['delta']:+.2f})"
+        return text
+    return f"{text} ({row['published']:.2f}, {row['delta']:+.2f})"
 
 
 def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Wide table: index (Method, W/A), one column per model; cells 'reproduced (published, Δ)'."""
+    """Wide table: index (Method, W/A), one column per model; cells 'reproduced (published, Δ)', seeds aggregated
+    to 'mean ± std (n=k)'. ``frame`` is :func:`records_frame`'s (or already aggregated)."""
     if frame.empty:
         return pd.DataFrame()
+    cells = frame if "n" in frame.columns else aggregate(frame)
     digits = 4 if frame.attrs.get("metric") == "logit_cosine" else 2
-    cells = frame.assign(cell=frame.apply(_cell, axis=1, digits=digits))
+    cells = cells.assign(cell=cells.apply(_cell, axis=1, digits=digits))
     several = cells["metric"].nunique() > 1
     index = ["metric", "method", "bits"] if several else ["method", "bits"]
     table = cells.pivot_table(index=index, columns="model", values="cell", aggfunc="first", sort=False)
@@ -125,23 +245,25 @@ def markdown(table: pd.DataFrame) -> str:
 def write_report(frame: pd.DataFrame, out_dir: Path, name: str = "table") -> dict[str, Path]:
     """Write ``name``.md/.tex/.csv (and .png when matplotlib can plot) under ``out_dir``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = paper_table(frame)
+    cells = aggregate(frame)
+    table = paper_table(cells)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "tex", "csv")}
     metric = frame.attrs.get("metric", "top1")
     note = (f"{METRIC_LABELS.get(metric, metric)}, reproduced"
-            + ("; in parentheses the published value and the difference, where published" if frame["published"].notna().any() else "") + ".\n\n")
+            + ("; in parentheses the published value and the difference, where published" if frame["published"].notna().any() else "")
+            + ("; several seeds as mean ± std (n=seeds)" if (cells["n"] > 1).any() else "") + ".\n\n")
     paths["md"].write_text(note + markdown(table) + "\n")
     caption = f"{METRIC_LABELS.get(metric, metric)}: reproduced (published, $\\Delta$).".replace("%", "\\%")
     paths["tex"].write_text(table.to_latex(escape=True, caption=caption))
     frame.to_csv(paths["csv"], index=False)
-    plot = plot_accuracy(frame, out_dir / f"{name}.png")
+    plot = plot_accuracy(cells, out_dir / f"{name}.png")
     if plot:
         paths["png"] = plot
     return paths
 
 
 def plot_accuracy(frame: pd.DataFrame, path: Path) -> Path | None:
-    """The metric per bit-width, one line per (method, model)."""
+    """The metric per bit-width, one line per (method, model); published values as hollow markers."""
     quantized = frame[frame["bits"] != "32/32"]
     if quantized.empty:
         return None
@@ -153,7 +275,11 @@ def plot_accuracy(frame: pd.DataFrame, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, model), group in quantized.groupby(["method", "model"]):
         group = group.sort_values("wbits")
-        ax.plot(group["bits"], group["value"], marker="o", label=f"{method} · {model}")
+        line = ax.plot(group["bits"], group["value"], marker="o", label=f"{method} · {model}")[0]
+        known = group[group["published"].notna()]
+        if len(known):
+            ax.plot(known["bits"], known["published"], marker="o", markerfacecolor="none", linestyle="none",
+                    color=line.get_color())
     for model, group in frame[frame["bits"] == "32/32"].groupby("model"):
         ax.axhline(group["value"].iloc[0], linestyle="--", linewidth=0.8, color="gray")
     ax.set_xlabel("bit-width")
