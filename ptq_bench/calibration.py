@@ -29,6 +29,9 @@ class CalibrationData:
     ``collate`` turns a slice of ``samples`` into a batch that ``forward`` accepts (default: the slice itself).
     ``logits`` says whether ``forward`` returns class logits (PTQ4ViT's Hessian objective needs them).
     ``identity`` is what the record stores about the samples (indices, content hash).
+    ``uniform_shapes`` says whether every layer sees inputs of one shape (apart from the batch dim) in every batch, so
+    that a layer's inputs recorded over batches can be stacked; False for detection (images of different sizes, heads
+    applied to every FPN level).
     """
 
     samples: Any
@@ -36,6 +39,7 @@ class CalibrationData:
     collate: Callable[[Any], Any] = _default_collate
     logits: bool = False
     identity: dict[str, Any] = field(default_factory=dict)
+    uniform_shapes: bool = True
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -4,6 +4,6 @@ from ptq_bench.registry import Registry
 
 TASKS: Registry[type] = Registry("task")
 
-from tasks import classification  # noqa: E402,F401  (registration)
+from tasks import classification, coco  # noqa: E402,F401  (registration)
 
 __all__ = ["TASKS"]

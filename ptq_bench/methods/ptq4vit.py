@@ -130,6 +130,8 @@ class PTQ4ViT(Method):
 
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         need_grad = self.options.metric == "hessian"
+        if not data.uniform_shapes:
+            raise ConfigError(f"{self.name} stacks each layer's inputs over the calibration set, but this task's layers see inputs of several shapes (detection: images of different sizes, heads on every FPN level)")
         if need_grad and not data.logits:
             raise ConfigError(f"{self.name} metric=hessian needs a task whose forward returns class logits (use metric=cosine)")
         model.eval()

@@ -1,0 +1,263 @@
+"""COCO detection through mmdet 3 (task=coco): a tiny COCO-format dataset written here, a randomly initialised
+Mask R-CNN with a shrunken mmdet Swin backbone, end to end through run.py (fp, repq_vit, dopq_vit with a tiny
+reconstruction), the mmdet Swin adapter (FP function with quantizers off, RepQ-ViT fold keeps it, block capture with
+hw_shape), and the conversion of the Swin repository's mmdet-2.x checkpoint keys. Skipped without the detection extra."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import REPO, run_cli
+
+pytest.importorskip("mmdet")
+pytest.importorskip("mmcv.ops")
+
+from mmdet.datasets import CocoDataset  # noqa: E402
+
+from ptq_bench.calibration import CalibrationData  # noqa: E402
+from ptq_bench.models import calibrating, layernorm_linear_pairs, named_quantizers, prepare_, set_quantizers_enabled  # noqa: E402
+from ptq_bench.quant import UniformQuantizer  # noqa: E402
+from ptq_bench.transforms import mean_target, reparameterize_layernorm_  # noqa: E402
+from ptq_bench.transforms.reconstruction import BlockInputs, block_outputs, capture_block_inputs, evaluate_losses  # noqa: E402
+
+QUIET = ["logger=none", "task.progress=false", "data.workers=0"]
+#: The 80 COCO category names (CocoDataset and CocoMetric match categories by name); the images hold two of them.
+CATEGORIES = [{"id": i + 1, "name": name} for i, name in enumerate(CocoDataset.METAINFO["classes"])]
+ANNOTATED = CATEGORIES[0], CATEGORIES[2]
+#: Image sizes chosen so that stage resolutions are not multiples of the window (padded windows are exercised).
+SIZES = {"train2017": [(60, 84), (76, 52), (64, 64), (52, 92)], "val2017": [(68, 88), (56, 72), (80, 60)]}
+
+TINY_CONFIG = """
+_base_ = '{base}'
+model = dict(
+    backbone=dict(embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=7, drop_path_rate=0.0),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=32),
+        bbox_head=dict(in_channels=32, fc_out_channels=64),
+        mask_roi_extractor=dict(out_channels=32),
+        mask_head=dict(in_channels=32, conv_out_channels=32)),
+    test_cfg=dict(
+        rpn=dict(nms_pre=60, max_per_img=30),
+        rcnn=dict(score_thr=0.0, max_per_img=8)))  # random weights: keep detections so the mask head runs
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(100, 72), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+"""
+
+
+def write_split(root: Path, split: str, rng: np.random.Generator, first_id: int) -> None:
+    (root / split).mkdir(parents=True)
+    images, annotations = [], []
+    for i, (h, w) in enumerate(SIZES[split]):
+        image_id = first_id + i
+        name = f"{image_id:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(root / split / name)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        for k, category in enumerate(ANNOTATED):
+            x, y, bw, bh = 4.0 + 10 * k, 6.0 + 5 * k, w / 2, h / 2
+            polygon = [x, y, x + bw, y, x + bw, y + bh, x, y + bh]
+            annotations.append({"id": len(annotations) + 100 * image_id, "image_id": image_id, "category_id": category["id"],
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0, "segmentation": [polygon]})
+    ann = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(ann))
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("coco")
+    rng = np.random.default_rng(0)
+    write_split(root, "train2017", rng, 1)
+    write_split(root, "val2017", rng, 101)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mmdet") / "tiny_mask_rcnn_swin.py"
+    path.write_text(TINY_CONFIG.format(base=REPO / "conf" / "mmdet" / "mask_rcnn_swin_t.py"))
+    return path
+
+
+def task_for(coco_root: Path, tiny_config: Path, method: str = "fp", **extra: object):
+    from tasks.coco import Coco
+
+    cfg = OmegaConf.create({
+        "seed": 0,
+        "task": {"name": "coco", "batch_size": 1, "metrics": ["bbox", "segm"], "progress": False, "launcher": "none"},
+        "data": {"kind": "coco", "root": str(coco_root), "train_ann": "annotations/instances_train2017.json",
+                 "train_images": "train2017", "val_ann": "annotations/instances_val2017.json", "val_images": "val2017",
+                 "max_eval_images": None, "workers": 0},
+        "model": {"name": "tiny", "display": "Tiny", "checkpoint": None, "mmdet_config": str(tiny_config), "cfg_options": {}},
+        "method": {"name": method, "calib_size": 2},
+        **extra,
+    })
+    return Coco(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def built(coco_root, tiny_config):
+    torch.manual_seed(0)
+    task = task_for(coco_root, tiny_config)
+    model, _ = task.build_model()
+    task.check_data(3)
+    return task, model, task.calibration(3, seed=0, device=torch.device("cpu"))
+
+
+def detections(task, model, data: CalibrationData) -> list[torch.Tensor]:
+    with torch.no_grad():
+        outputs = task.forward(model, data.batch(0, len(data)))
+    return [torch.cat([o.pred_instances.bboxes, o.pred_instances.scores[:, None]], 1) for o in outputs]
+
+
+def backbone_features(model, data: CalibrationData) -> list[torch.Tensor]:
+    with torch.no_grad():
+        inputs = model.data_preprocessor(data.batch(0, len(data)), False)["inputs"]
+        return list(model.backbone(inputs))
+
+
+def factory(site):
+    if site.is_weight:
+        return UniformQuantizer(4, granularity="channel", channel_dim=0)
+    if site.role == "post_layernorm":
+        return UniformQuantizer(4, granularity="channel", channel_dim=-1)
+    return UniformQuantizer(4)
+
+
+def test_quantizers_off_reproduce_the_fp_detector(built):
+    task, model, data = built
+    prepared = copy.deepcopy(model)
+    prepare_(prepared, factory)
+    roles = {q.role for _, q in named_quantizers(prepared)}
+    assert {"patch_embed", "post_layernorm", "attn_proj", "post_gelu", "query", "key", "post_softmax", "value", "conv", "linear"} <= roles
+    set_quantizers_enabled(prepared, False)
+    for fp, wrapped in zip(backbone_features(model, data), backbone_features(prepared, data)):
+        assert torch.allclose(fp, wrapped, atol=1e-5, rtol=1e-5)
+    for fp, wrapped in zip(detections(task, model, data), detections(task, prepared, data)):
+        assert fp.shape == wrapped.shape and torch.allclose(fp, wrapped, atol=1e-4, rtol=1e-4)
+
+
+def test_repq_reparameterization_keeps_the_fp_backbone(built):
+    _, model, data = built
+    prepared = copy.deepcopy(model)
+    reference = backbone_features(model, data)
+    prepare_(prepared, factory)
+    pairs = layernorm_linear_pairs(prepared)
+    assert len(pairs) == 2 * 8 + 3  # norm1→qkv and norm2→fc1 in 8 blocks, norm→reduction in 3 patch mergings
+    with torch.no_grad(), calibrating(prepared):
+        data.run(prepared)
+        edited = reparameterize_layernorm_(prepared, mean_target)
+    assert edited
+    set_quantizers_enabled(prepared, False)
+    for fp, folded in zip(reference, backbone_features(prepared, data)):
+        assert torch.allclose(fp, folded, atol=1e-4, rtol=1e-4)
+
+
+def test_block_capture_keeps_each_images_shape_and_hw_shape(built):
+    _, model, data = built
+    from ptq_bench.models import find_blocks
+
+    name, block = find_blocks(model)[0]
+    inputs = capture_block_inputs(model, block, data, batch_size=1)
+    assert isinstance(inputs, BlockInputs) and len(inputs) == 3
+    assert all(len(extra) == 1 and len(extra[0]) == 2 for extra in inputs.extras)  # (hw_shape,)
+    assert len({t.shape for t in inputs.tensors}) > 1  # images of different sizes stay apart
+    targets = block_outputs(block, inputs, batch_size=2)
+    losses = evaluate_losses(block, inputs, targets, torch.arange(3), batch_size=3, loss="mse")
+    assert losses.shape == (3,) and torch.all(losses == 0)
+
+
+def synthetic_mmdet2_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The Swin repository's (mmdet 2.x) names and patch-merging channel order for ``model``'s weights."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone.stages."):
+            key = key.replace("backbone.stages.", "backbone.layers.", 1)
+            key = key.replace("attn.w_msa.", "attn.").replace("ffn.layers.0.0.", "mlp.fc1.").replace("ffn.layers.1.", "mlp.fc2.")
+            if ".downsample.reduction." in key and value.ndim == 2:  # nn.Unfold order → Swin's x0,x1,x2,x3 concat
+                out, inp = value.shape
+                value = value.reshape(out, inp // 4, 4).transpose(1, 2)[:, [0, 2, 1, 3], :].reshape(out, inp)
+            elif ".downsample.norm." in key:
+                value = value.reshape(-1, 4).transpose(0, 1)[[0, 2, 1, 3], :].reshape(-1)
+        key = key.replace("backbone.patch_embed.projection.", "backbone.patch_embed.proj.")
+        state[key] = value.clone()
+    return state
+
+
+def test_mmdet2_swin_checkpoint_keys_are_converted(built, tmp_path, caplog):
+    from tasks.coco import is_mmdet2_swin, load_detector_checkpoint_
+
+    task, model, data = built
+    state = synthetic_mmdet2_state(model)
+    assert is_mmdet2_swin(state) and not is_mmdet2_swin(model.state_dict())
+    path = tmp_path / "mask_rcnn_swin_tiny_mmdet2.pth"
+    torch.save({"meta": {"mmdet_version": "2.11.0", "CLASSES": ("person", "car")}, "state_dict": state}, path)
+    torch.manual_seed(1)
+    fresh, _ = task_for(path.parent, Path(task.cfg.model.mmdet_config)).build_model()
+    with caplog.at_level("INFO", logger="tasks.coco"):
+        assert load_detector_checkpoint_(fresh, path)
+    assert "mmdet-2.x" in caplog.text
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    for fp, loaded in zip(detections(task, model, data), detections(task, fresh.eval(), data)):
+        assert torch.equal(fp, loaded)
+
+
+def records(directory: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+
+
+@pytest.mark.slow
+def test_run_py_task_coco_fp_repq_and_reconstruction(tmp_path, coco_root, tiny_config):
+    runs = tmp_path / "runs"
+    common = ["model=mask_rcnn_swin_t", f"model.mmdet_config={tiny_config}", f"data.root={coco_root}",
+              f"results_dir={runs}", f"hydra.run.dir={tmp_path / 'out'}", *QUIET]
+    for method in (["method=fp"], ["method=repq_vit", "bits=w4a4", "method.calib_size=2"],
+                   ["method=dopq_vit", "bits=w4a4", "method.calib_size=2", "method.init_calib_size=2", "method.iters=2",
+                    "method.batch_size=1"]):
+        result = run_cli(*common, *method)
+        assert result.returncode == 0, result.stderr[-3000:]
+    by_method = {r["method"]["name"]: r for r in records(runs)}
+    assert set(by_method) == {"fp", "repq_vit", "dopq_vit"}
+    for record in by_method.values():
+        metrics = record["metrics"]
+        assert record["task"] == "coco" and record["primary_metric"] == "bbox_mAP"
+        assert record["model"]["display"] == "MaskRCNN-Swin-T"
+        assert {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_l"} <= set(metrics)
+        assert 0 <= metrics["bbox_mAP"] <= 100 and 0 <= metrics["segm_mAP"] <= 100
+        assert metrics["num_images"] == 3 and metrics["eval_subset"] is None
+    quantized = {row["module"] for row in by_method["repq_vit"]["quantized"]}
+    assert "backbone.patch_embed.projection" in quantized and "roi_head.bbox_head.fc_cls" in quantized
+    assert by_method["repq_vit"]["calibration"]["num_images"] == 2
+    assert len(by_method["repq_vit"]["calibration"]["image_ids"]) == 2
+
+
+def test_run_py_task_coco_subset_and_one_line_errors(tmp_path, coco_root, tiny_config):
+    common = ["model=mask_rcnn_swin_t", f"model.mmdet_config={tiny_config}", f"results_dir={tmp_path / 'runs'}",
+              f"hydra.run.dir={tmp_path / 'out'}", *QUIET]
+    missing = run_cli(*common, f"data.root={tmp_path / 'nowhere'}", "method=fp")
+    assert missing.returncode == 2 and "COCO root not found" in missing.stderr
+    no_ann = tmp_path / "coco_without_ann"
+    (no_ann / "val2017").mkdir(parents=True)
+    result = run_cli(*common, f"data.root={no_ann}", "method=fp")
+    assert result.returncode == 2 and "annotation file not found" in result.stderr
+    ptq4vit = run_cli(*common, f"data.root={coco_root}", "method=ptq4vit", "method.metric=cosine", "method.calib_size=1")
+    assert ptq4vit.returncode == 2 and "inputs of several shapes" in ptq4vit.stderr
+    subset = run_cli(*common, f"data.root={coco_root}", "method=fp", "data.max_eval_images=2")
+    assert subset.returncode == 0, subset.stderr[-3000:]
+    (record,) = records(tmp_path / "runs")
+    assert record["metrics"]["num_images"] == 2 and record["metrics"]["eval_subset"].startswith("2 images")
