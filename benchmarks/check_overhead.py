@@ -1,6 +1,8 @@
 """Cost of the trust checks, measured side by side in one process (issue: never a silently wrong quantized model).
 
-* invariant check: RepQ-ViT calibration (32 images) with ``keeps_fp_function`` as shipped vs replaced by a no-op;
+* invariant check: RepQ-ViT calibration (32 images) with ``keeps_fp_function`` as shipped vs replaced by a no-op,
+  and the CPU time spent inside the check's own forward passes as a share of the checked calibration (the steadier
+  figure on a loaded machine);
 * coverage: fake-quant evaluation of one batch with the call-tracking hooks vs without.
 
 Random-init timm models, seeded N(0, 1) images; interleaved repeats, medians of process CPU seconds (steadier than
@@ -25,6 +27,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import ptq_bench.methods.repq_vit as repq_module  # noqa: E402
+import ptq_bench.transforms.invariants as invariants  # noqa: E402
 from ptq_bench.calibration import image_calibration  # noqa: E402
 from ptq_bench.methods import BitWidth, build_method  # noqa: E402
 from ptq_bench.models.coverage import tracking_calls  # noqa: E402
@@ -33,6 +36,21 @@ from ptq_bench.models.coverage import tracking_calls  # noqa: E402
 @contextlib.contextmanager
 def _no_check(*_args: object):
     yield
+
+
+class TimedTrace:
+    """Wraps the invariant check's traced forward pass and adds up its process CPU seconds."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.original = invariants._trace
+
+    def __call__(self, *args: object):
+        start = time.process_time()
+        try:
+            return self.original(*args)
+        finally:
+            self.seconds += time.process_time() - start
 
 
 def calibrate(fp: torch.nn.Module, images: torch.Tensor, checked: bool) -> tuple[float, torch.nn.Module]:
@@ -62,16 +80,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, RepQ-ViT W4A4, 32 calibration images, eval batch 32, CPU seconds")
-    print("| model | calibration with check / without | eval with coverage hooks / without |\n|---|---|---|")
+    print("| model | check's own forwards / calibration | calibration with check / without | eval with coverage hooks / without |\n|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
         fp = timm.create_model(name, pretrained=False).eval()
         images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-        with_check, without_check, tracked, plain = [], [], [], []
+        with_check, without_check, tracked, plain, shares = [], [], [], [], []
         model = None
         for _ in range(args.repeats):
-            seconds, model = calibrate(fp, images, checked=True)
+            timer = TimedTrace()
+            invariants._trace = timer
+            try:
+                seconds, model = calibrate(fp, images, checked=True)
+            finally:
+                invariants._trace = timer.original
             with_check.append(seconds)
+            shares.append(timer.seconds / seconds)
             without_check.append(calibrate(fp, images, checked=False)[0])
         assert model is not None
         evaluate(model, images, tracked=False)  # warm-up
@@ -80,8 +104,8 @@ def main() -> None:
             plain.append(evaluate(model, images, tracked=False))
         calib_ratio = statistics.median(with_check) / statistics.median(without_check)
         eval_ratio = statistics.median(tracked) / statistics.median(plain)
-        print(f"| {name} | {calib_ratio:.3f} ({statistics.median(with_check):.2f} s / {statistics.median(without_check):.2f} s) "
-              f"| {eval_ratio:.3f} |", flush=True)
+        print(f"| {name} | {100 * statistics.median(shares):.1f} % | {calib_ratio:.3f} ({statistics.median(with_check):.2f} s / "
+              f"{statistics.median(without_check):.2f} s) | {eval_ratio:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

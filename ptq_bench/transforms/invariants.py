@@ -23,7 +23,7 @@ from ptq_bench.models.prepare import find_blocks, quantizers_off
 #: float32 folds differ from the original by ~1e-6 relative (RepQ-ViT on DeiT-T: 1.1e-6); a wrong fold by O(1).
 RELATIVE_TOLERANCE = 1e-3
 #: Calibration samples the check runs (the first ones).
-SAMPLES = 4
+SAMPLES = 2
 
 Trace = list[tuple[str, torch.Tensor]]
 
