@@ -162,8 +162,9 @@ def _skip_reason(cfg: DictConfig, changes: Mapping[str, list[Any]], checkpoint: 
 
 
 def option_changes(name: str, method_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``{key: value}`` of ``method_cfg`` that differ from ``conf/method/<name>.yaml`` (``calib_size`` included,
-    runtime options and ``name`` left out). An unknown method gives {}."""
+    """``{key: value}`` of ``method_cfg`` that differ from ``conf/method/<name>.yaml`` (``calib_size`` included;
+    runtime options, ``name`` and keys the YAML no longer has, e.g. in old records, left out). An unknown method
+    gives {}."""
     from ptq_bench.methods import METHODS
     from ptq_bench.methods.options import method_defaults, runtime_fields
 
@@ -174,10 +175,7 @@ def option_changes(name: str, method_cfg: Mapping[str, Any]) -> dict[str, Any]:
     except ConfigError:
         return {}
     skip = runtime_fields(METHODS.get(name).Options) | {"name"}
-    return {k: v for k, v in method_cfg.items() if k not in skip and not same_value(defaults.get(k, _MISSING), v)}
-
-
-_MISSING = object()
+    return {k: v for k, v in method_cfg.items() if k in defaults and k not in skip and not same_value(defaults[k], v)}
 
 
 def same_value(a: Any, b: Any) -> bool:

@@ -141,6 +141,8 @@ def test_seeds_aggregate_to_mean_std_and_single_runs_stay_plain():
 def test_labels_carry_the_budget_every_option_and_the_eval_subset():
     plain = record("aiqvit", "deit_tiny", (4, 4), 1.0)
     assert method_label(plain) == "aiqvit"
+    old = record("aiqvit", "deit_tiny", (4, 4), 1.0, options={"device": "auto", "progress": True, "state_dir": "/x"})
+    assert method_label(old) == "aiqvit"  # keys the YAML no longer has (old records) and runtime options: no label
     smoke = record("aiqvit", "deit_tiny", (4, 4), 1.0, options={"rank": 20, "search_iters": 5},  # ++ or method_options
                    budget_changes={"calib_size": [1024, 32], "iters": [6000, 20]}, max_eval_images=500)
     assert method_label(smoke) == "aiqvit [rank=20, search_iters=5; budget=smoke: calib_size=32, iters=20; eval 500 imgs]"
