@@ -206,11 +206,11 @@ def layout(spec: TableSpec, cells: pd.DataFrame, published: pd.DataFrame | None 
     out: list[dict[str, Any]] = []
     for block in spec.blocks:
         for row in block.rows:
-            out += _row_cells(spec, cells, published, block, row, row.label, "paper", _options_label(row.options), "")
+            out += _row_cells(spec, cells, published, block, row, "", _options_label(row.options), "")
             if not row.run:
                 continue
-            for extra, protocol in _other_protocols(spec, cells, block, row):
-                out += _row_cells(spec, cells, published, block, row, f"{row.label} [{extra}]", "variant", *protocol)
+            for note, (options, protocol) in _other_protocols(spec, cells, block, row):
+                out += _row_cells(spec, cells, published, block, row, note, options, protocol)
     return pd.DataFrame(out)
 
 
@@ -239,8 +239,11 @@ def _other_protocols(spec: TableSpec, cells: pd.DataFrame, block: Block, row: Ro
     return extras
 
 
-def _row_cells(spec: TableSpec, cells: pd.DataFrame, published: pd.DataFrame, block: Block, row: Row, label: str,
-               kind: str, options: str, protocol: str) -> list[dict[str, Any]]:
+def _row_cells(spec: TableSpec, cells: pd.DataFrame, published: pd.DataFrame, block: Block, row: Row, note: str,
+               options: str, protocol: str) -> list[dict[str, Any]]:
+    """The cells of ``row`` (``note`` "": the paper's protocol; else the label suffix of another protocol's row)
+    from the aggregated records with exactly ``options`` and ``protocol``."""
+    kind, label = ("variant", f"{row.label} [{note}]") if note else ("paper", row.label)
     matches = _matches(spec, cells, block, row)
     matches = matches[(matches["options"] == options) & (matches["protocol"] == protocol)]
     out = []
@@ -249,10 +252,10 @@ def _row_cells(spec: TableSpec, cells: pd.DataFrame, published: pd.DataFrame, bl
             printed = row.models is None or column.name in row.models
             pub = _published(spec, published, block, row, column, metric) if printed and kind == "paper" else None
             hit = matches[(matches["model_name"] == column.model) & (matches["metric"] == metric.key)] if column.model else matches.iloc[0:0]
-            entry = {"block": block.label, "bits": block.bits, "row": label, "base_row": row.label,
-                     "note": label[len(row.label) + 2:-1] if kind == "variant" else "", "method": row.run or "", "kind": kind,
+            entry = {"block": block.label, "bits": block.bits, "row": label, "base_row": row.label, "note": note,
+                     "method": row.run or "", "kind": kind,
                      "column": column.name, "model": column.model or "", "metric": metric.key, "metric_label": metric.label,
-                     "reproduced": None, "std": None, "n": 0, "published": pub.value if pub else None,
+                     "reproduced": None, "std": None, "n": 0, "published": pub.value if pub else None, "delta": None,
                      "source": pub.where if pub else "", "other_sources": "; ".join(pub.others) if pub else "",
                      "run_keys": ""}
             digits = 4 if metric.key == "logit_cosine" else 2
