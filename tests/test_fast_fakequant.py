@@ -146,7 +146,9 @@ def test_uniform_straight_through_gradients_use_the_differentiable_path():
     x2, s2 = x.detach().clone().requires_grad_(), q.scale.detach().clone().requires_grad_()
     ref = (torch.clamp(round_ste(x2 / s2) + q.zero_point, q.qmin, q.qmax) - q.zero_point) * s2
     ref.sum().backward()
-    assert torch.equal(out, ref) and torch.equal(x.grad, x2.grad) and torch.equal(q.scale.grad, s2.grad)
+    # one fused autograd node (ptq_bench/quant/ste.py): the scale's gradient sums other roundings of terms up to
+    # qmax/2 that cancel to about 0.09 (both are within 2e-5 of the float64 value)
+    assert torch.equal(out, ref) and torch.equal(x.grad, x2.grad) and torch.allclose(q.scale.grad, s2.grad, rtol=1e-3)
     with torch.no_grad():
         assert torch.equal(q(x), out)
 

@@ -22,6 +22,7 @@ from torch import nn
 from ptq_bench.errors import ConfigError
 from ptq_bench.quant.base import Quantizer, round_ste
 from ptq_bench.quant.registry import QUANTIZERS
+from ptq_bench.quant.ste import uniform_ste
 
 Init = Literal["max", "mse"]
 Below = Literal["b1", "zero"]
@@ -61,8 +62,11 @@ class DynamicFocusingQuantizer(Quantizer):
     def _fake_quant(self, x: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
         scale = (b2 - b1) / self.qmax
         zero_point = round_ste(-b1 / scale)
-        q = torch.clamp(round_ste(x / scale) + zero_point, 0, self.qmax)
-        x_hat = (q - zero_point) * scale
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+            x_hat = uniform_ste(x, scale, zero_point, 0, self.qmax)  # the values below, one autograd node (ste.py)
+        else:
+            q = torch.clamp(round_ste(x / scale) + zero_point, 0, self.qmax)
+            x_hat = (q - zero_point) * scale
         if self.below == "zero":
             x_hat = torch.where(x < b1, torch.zeros_like(x_hat), x_hat)
         return x_hat

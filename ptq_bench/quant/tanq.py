@@ -25,6 +25,7 @@ import torch
 from ptq_bench.errors import ConfigError
 from ptq_bench.quant.base import Quantizer, round_ste
 from ptq_bench.quant.registry import QUANTIZERS
+from ptq_bench.quant.ste import tangent_ste
 
 #: Default shape candidates: α in (0, π) and the symmetric inflection point c = 1/2 (harness choice).
 DEFAULT_ALPHAS = tuple(round(0.25 * k, 2) for k in range(1, 13))  # 0.25 … 3.0
@@ -143,7 +144,10 @@ class TanQuantizer(Quantizer):
         self.theta0, self.theta1 = theta0.clone(), theta1.clone()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return tan_fake_quant(x, self.theta0.to(x.dtype), self.theta1.to(x.dtype), self.bits)
+        theta0, theta1 = self.theta0.to(x.dtype), self.theta1.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad and not (theta0.requires_grad or theta1.requires_grad):
+            return tangent_ste(x, theta0, theta1, self.bits)  # same values, one autograd node (ptq_bench/quant/ste.py)
+        return tan_fake_quant(x, theta0, theta1, self.bits)
 
     def grid(self) -> torch.Tensor:
         """Reconstruction levels, shape ``theta0.shape + (2^b,)`` (one row per group for ``head``)."""

@@ -10,6 +10,7 @@ from ptq_bench.errors import ConfigError
 from ptq_bench.quant.base import Quantizer, round_ste
 from ptq_bench.quant.observers import OBSERVERS, affine_params, grid_bounds
 from ptq_bench.quant.registry import QUANTIZERS
+from ptq_bench.quant.ste import uniform_ste
 
 Granularity = Literal["tensor", "channel", "token"]
 Bounds = tuple[float, float] | tuple[torch.Tensor, torch.Tensor]
@@ -118,8 +119,12 @@ class UniformQuantizer(Quantizer):
         else:
             scale, zero_point = self.scale, self.zero_point
         if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-            q = torch.clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax)
-            return (q - zero_point) * scale
+            if zero_point.requires_grad:
+                q = torch.clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax)
+                return (q - zero_point) * scale
+            # the same values as the literal expression above, one autograd node (ptq_bench/quant/ste.py)
+            bounds = self._shifted_bounds(zero_point, torch.result_type(x, scale))
+            return uniform_ste(x, scale, zero_point, self.qmin, self.qmax, bounds)
         # inference, in place on one fresh tensor: four passes where the shifted clamp is exact (see
         # shifted_clamp_bounds), the literal six otherwise
         bounds = self._shifted_bounds(zero_point, torch.result_type(x, scale))
