@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.checks import integer, optional_integer
 from ptq_bench.errors import CheckpointError, ConfigError, DataError
-from ptq_bench.models.build import ModelInfo, file_sha256, read_state_dict, state_dict_sha256
+from ptq_bench.models.build import ModelInfo, file_sha256, parameters_sha256, read_state_dict
 from tasks import TASKS
 from tasks.base import Task
 from tasks.classification import draw_indices
@@ -73,6 +73,19 @@ def mmdet_config(model_cfg: DictConfig) -> Any:
 
 def expand_path(path: str | Path) -> Path:
     return Path(os.path.expandvars(str(path))).expanduser()
+
+
+def quiet_init_weights(model: nn.Module) -> None:
+    """mmengine's ``init_weights`` (random init of every layer), without its INFO line per parameter."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -206,13 +219,13 @@ class Coco(Task):
         from mmdet.registry import MODELS
 
         model = MODELS.build(self.mmcfg.model)
-        model.init_weights()
+        quiet_init_weights(model)
         checkpoint = expand_path(self.cfg.model.checkpoint) if self.cfg.model.get("checkpoint") else None
         if checkpoint:
             self.converted = load_detector_checkpoint_(model, checkpoint)
             sha = file_sha256(checkpoint)
         else:
-            sha = state_dict_sha256(model)
+            sha = parameters_sha256(model)  # random init: buffers (BN statistics, position indices) are their defaults
             log.warning("model '%s' has random weights (no model.checkpoint): AP is not comparable with published numbers", self.cfg.model.name)
         model.eval()
         num_params = sum(p.numel() for p in model.parameters())

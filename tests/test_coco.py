@@ -261,3 +261,24 @@ def test_run_py_task_coco_subset_and_one_line_errors(tmp_path, coco_root, tiny_c
     assert subset.returncode == 0, subset.stderr[-3000:]
     (record,) = records(tmp_path / "runs")
     assert record["metrics"]["num_images"] == 2 and record["metrics"]["eval_subset"].startswith("2 images")
+
+
+@pytest.mark.parametrize("name, detector, depth, head", [
+    ("mask_rcnn_swin_t", "MaskRCNN", 6, "Shared2FCBBoxHead"),
+    ("mask_rcnn_swin_s", "MaskRCNN", 18, "Shared2FCBBoxHead"),
+    ("cascade_mask_rcnn_swin_t", "CascadeRCNN", 6, "ConvFCBBoxHead"),
+    ("cascade_mask_rcnn_swin_s", "CascadeRCNN", 18, "ConvFCBBoxHead"),
+])
+def test_shipped_mmdet_configs_are_the_swin_repository_architectures(name, detector, depth, head):
+    from tasks.coco import mmdet_config, require_mmdet
+
+    require_mmdet()
+    cfg = mmdet_config(OmegaConf.create({"mmdet_config": f"{name}.py", "cfg_options": {}}))
+    model = cfg.model
+    assert model.type == detector and model.backbone.type == "SwinTransformer" and model.backbone.init_cfg is None
+    assert model.backbone.depths[2] == depth and model.neck.in_channels == [96, 192, 384, 768]
+    heads = model.roi_head.bbox_head if isinstance(model.roi_head.bbox_head, list) else [model.roi_head.bbox_head]
+    assert all(h.type == head and h.num_classes == 80 for h in heads)
+    if detector == "CascadeRCNN":  # the Swin repository's GIoU 4conv1fc heads
+        assert len(heads) == 3 and all(h.num_shared_convs == 4 and h.num_shared_fcs == 1 and h.reg_decoded_bbox for h in heads)
+    assert cfg.test_dataloader.dataset.pipeline[1].scale == (1333, 800)
