@@ -201,7 +201,11 @@ class Coco(Task):
             raise ConfigError(f"task.launcher={launcher!r}: expected one of {', '.join(LAUNCHERS)}")
         from mmengine.dist import init_dist, is_distributed
 
-        if launcher != "none" and not is_distributed():
+        if launcher == "none" or is_distributed():
+            return
+        if launcher == "pytorch" and not torch.cuda.is_available():  # CPU ranks: mmengine's launcher assumes CUDA
+            torch.distributed.init_process_group("gloo")
+        else:
             init_dist(launcher)
 
     def identity(self) -> dict[str, Any]:
@@ -275,17 +279,10 @@ class Coco(Task):
 
     def evaluate(self, model: nn.Module, device: torch.device, label: str, fp_model: nn.Module | None = None) -> dict[str, Any]:
         from mmengine.dataset import DefaultSampler, pseudo_collate
-        from mmengine.evaluator import Evaluator
 
         if self.val is None:
             self.check_data(0)
-        metric_cfg = self.mmcfg.test_evaluator.copy()
-        ann, _ = coco_files(self.cfg.data, "val")
-        metric_cfg.update(ann_file=str(ann), metric=list(self.cfg.task.metrics), format_only=False)
-        evaluator = Evaluator(metric_cfg)
-        evaluator.dataset_meta = self.val.metainfo
-        if self.eval_indices is not None:
-            evaluator.metrics[0].img_ids = [int(self.val.get_data_info(i)["img_id"]) for i in range(len(self.val))]
+        evaluator = self.evaluator()
         loader = DataLoader(
             self.val,
             batch_size=int(self.cfg.task.batch_size),
@@ -297,9 +294,23 @@ class Coco(Task):
         with torch.no_grad():
             for batch in tqdm(loader, desc=f"eval {label}", unit="batch", disable=not self.progress):
                 evaluator.process(data_samples=self.forward(model, batch), data_batch=batch)
-        return self._metrics(evaluator.evaluate(len(self.val)))
+        return self.record_metrics(evaluator.evaluate(len(self.val)))
 
-    def _metrics(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def evaluator(self) -> Any:
+        """mmengine's ``Evaluator`` with the config's ``CocoMetric`` on the val annotations (restricted to the
+        evaluated images' ids when ``data.max_eval_images`` takes a subset)."""
+        from mmengine.evaluator import Evaluator
+
+        metric_cfg = self.mmcfg.test_evaluator.copy()
+        ann, _ = coco_files(self.cfg.data, "val")
+        metric_cfg.update(ann_file=str(ann), metric=list(self.cfg.task.metrics), format_only=False)
+        evaluator = Evaluator(metric_cfg)
+        evaluator.dataset_meta = self.val.metainfo
+        if self.eval_indices is not None:
+            evaluator.metrics[0].img_ids = [int(self.val.get_data_info(i)["img_id"]) for i in range(len(self.val))]
+        return evaluator
+
+    def record_metrics(self, raw: dict[str, Any]) -> dict[str, Any]:
         """``coco/bbox_mAP`` (fraction) → ``bbox_mAP`` (percent), for every metric and COCO stat; -1 (no ground truth
         in that range) → None."""
         metrics: dict[str, Any] = {}

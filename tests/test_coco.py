@@ -282,3 +282,40 @@ def test_shipped_mmdet_configs_are_the_swin_repository_architectures(name, detec
     if detector == "CascadeRCNN":  # the Swin repository's GIoU 4conv1fc heads
         assert len(heads) == 3 and all(h.num_shared_convs == 4 and h.num_shared_fcs == 1 and h.reg_decoded_bbox for h in heads)
     assert cfg.test_dataloader.dataset.pipeline[1].scale == (1333, 800)
+
+
+def perfect_predictions(ann_file: Path, image_ids: list[int]) -> list:
+    """DetDataSamples predicting every ground-truth box and mask of ``image_ids`` exactly (score 1)."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(ann_file))
+    label_of = {c["id"]: i for i, c in enumerate(CATEGORIES)}
+    samples = []
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        sample = DetDataSample(metainfo={"img_id": image_id, "ori_shape": (info["height"], info["width"])})
+        sample.pred_instances = InstanceData(
+            bboxes=torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]),
+            scores=torch.ones(len(anns)),
+            labels=torch.tensor([label_of[a["category_id"]] for a in anns]),
+            masks=torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])).bool(),
+        )
+        samples.append(sample)
+    return samples
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_coco_metric_of_perfect_predictions_is_100_percent(coco_root, tiny_config, limit):
+    task = task_for(coco_root, tiny_config)
+    task.cfg.data.max_eval_images = limit
+    task.check_data(0)
+    evaluator = task.evaluator()
+    ids = [int(task.val.get_data_info(i)["img_id"]) for i in range(len(task.val))]
+    evaluator.process(data_samples=perfect_predictions(coco_root / "annotations" / "instances_val2017.json", ids))
+    metrics = task.record_metrics(evaluator.evaluate(len(task.val)))
+    assert metrics["bbox_mAP"] == 100.0 and metrics["segm_mAP"] == 100.0 and metrics["bbox_mAP_50"] == 100.0
+    assert metrics["num_images"] == len(ids) == (limit or 3)
+    assert (metrics["eval_subset"] is None) == (limit is None)
