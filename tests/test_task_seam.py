@@ -205,3 +205,19 @@ def test_global_seed_drives_the_method_rng() -> None:
 
     assert all(torch.equal(a, b) for a, b in zip(scales(0), scales(0)))
     assert not all(torch.equal(a, b) for a, b in zip(scales(0), scales(1)))
+
+
+def test_aiqvit_rank_search_with_a_single_usable_rank_per_layer() -> None:
+    """Layers narrower than every candidate but one leave nothing to search: the block still reconstructs."""
+    data = image_calibration(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2)))
+    options = {**TINY["aiqvit"], "candidate_ranks": [2, 500]}
+    quantized = build_method("aiqvit", BitWidth(4, 4), **options).quantize(tiny_vit(), data)
+    assert all(q.calibrated for _, q in named_quantizers(quantized) if q.enabled)
+
+
+def test_weights_hash_covers_zero_dimensional_integer_buffers() -> None:
+    from ptq_bench.models.build import state_dict_sha256
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))  # num_batches_tracked: a 0-d int64 buffer
+    assert len(state_dict_sha256(model)) == 64
+    assert state_dict_sha256(tiny_vit()) == state_dict_sha256(tiny_vit())

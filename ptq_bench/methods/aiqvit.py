@@ -291,7 +291,7 @@ class AIQViT(Method):
             ranks = usable_ranks(candidates, layer.out_features, layer.in_features)
             branch = LowRankBranch(layer.out_features, layer.in_features, ranks, generator)
             attach_lowrank_(layer, branch.to(layer.weight.device), cfg.placement)
-        if cfg.rank == "search" and cfg.search_iters > 0:
+        if cfg.rank == "search" and cfg.search_iters > 0 and architecture_parameters(block):  # some layer has a choice
             self._search(name, block, inputs, target, generator)
         for _, layer in linears:
             lowrank = layer.lowrank  # type: ignore[union-attr]

@@ -57,7 +57,7 @@ def _tensors_sha256(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     for key, value in items:
         digest.update(key.encode())
         digest.update(str(tuple(value.shape)).encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return digest.hexdigest()
 
 
