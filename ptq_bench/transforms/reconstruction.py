@@ -224,6 +224,29 @@ def _batches(active: torch.Tensor, batch_size: int, generator: torch.Generator) 
     return active[pick.to(active.device)]
 
 
+#: Below this many elements in a batch of block inputs, reconstruction on a CPU runs on one intra-op thread.
+SMALL_BATCH_ELEMENTS = 1 << 19
+
+
+@contextmanager
+def cpu_threads_for(inputs: Samples, batch_size: int) -> Iterator[None]:
+    """One intra-op thread while the batches of a block's inputs are small, on a CPU.
+
+    An iteration is a few hundred operators; on tensors of about 10^5 elements (MNIST-ViT: 32 × 50 × 64) splitting
+    each one across threads costs more than it saves, and on a loaded machine every split operator waits for a busy
+    core: 4 to 20 times slower at 2 threads than at 1 (benchmarks/reconstruction_speed.py, docs/performance.md)."""
+    sample = inputs.tensors[0] if isinstance(inputs, BlockInputs) else inputs[0]
+    threads = torch.get_num_threads()
+    small = inputs.device.type == "cpu" and threads > 1 and sample.numel() * min(batch_size, len(inputs)) < SMALL_BATCH_ELEMENTS
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(threads)
+
+
 def reconstruct_block(
     block: nn.Module,
     inputs: Samples,
@@ -239,8 +262,25 @@ def reconstruct_block(
     """Run ``iters`` iterations of every step; returns the training loss of the first step at each iteration.
 
     Train/eval modes are the caller's: only modules meant to be stochastic (e.g. drop-path) should train, so that
-    dropout or stochastic depth inside a pretrained block stays off.
+    dropout or stochastic depth inside a pretrained block stays off. Small blocks run on one CPU thread
+    (:func:`cpu_threads_for`).
     """
+    with cpu_threads_for(inputs, batch_size):
+        return _reconstruct_block(block, inputs, targets, steps, iters, batch_size, generator, loss, desc, progress)
+
+
+def _reconstruct_block(
+    block: nn.Module,
+    inputs: Samples,
+    targets: Samples,
+    steps: Sequence[ReconStep],
+    iters: int,
+    batch_size: int,
+    generator: torch.Generator,
+    loss: Loss,
+    desc: str,
+    progress: bool,
+) -> list[float]:
     order: list[Optional[torch.Tensor]] = [None] * len(steps)  # curriculum ranking per step, easiest first
     history: list[float] = []
     bar: Iterator[int] = tqdm(range(iters), desc=desc, leave=False, disable=not progress)
