@@ -6,7 +6,7 @@ label-free fidelity to the FP model (top-1 agreement); MNIST uses real top-1. Bu
 both models (32 calibration images, 20-40 iterations per block): the table shows what each component does at this budget,
 not the papers' ImageNet numbers.
 
-    python benchmarks/ablation_seed_methods.py [--out results/ablations] [--runs results/ablations/runs]
+    python benchmarks/ablation_seed_methods.py [--out results/ablations] [--runs results/ablations/runs] [--device auto]
 """
 
 from __future__ import annotations
@@ -58,13 +58,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "ablations")
     parser.add_argument("--runs", type=Path, default=None)
     parser.add_argument("--models", nargs="+", default=["mnist_vit", "deit_tiny"])
+    parser.add_argument("--device", default="auto", help="the runs' device= (auto: cuda when available)")
     args = parser.parse_args()
     runs = args.runs or args.out / "runs"
     data = {
         "mnist_vit": [],
         "deit_tiny": ["data=folder", f"data.root={noise_folder(args.out / 'noise_images')}", "data.workers=0"],
     }
-    common = ["logger=none", "task.progress=false", "task.compare_fp=true", f"results_dir={runs}", "bits=w4a4,w3a3"]
+    common = ["logger=none", "task.progress=false", "task.compare_fp=true", f"results_dir={runs}", "bits=w4a4,w3a3",
+              f"device={args.device}"]
     for model in args.models:
         for method, options in VARIANTS:
             command = [sys.executable, str(REPO / "run.py"), "-m", f"model={model}", f"method={method}",

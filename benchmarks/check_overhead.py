@@ -6,9 +6,9 @@
 * coverage: fake-quant evaluation of one batch with the call-tracking hooks vs without.
 
 Random-init timm models, seeded N(0, 1) images; interleaved repeats, medians of process CPU seconds (steadier than
-wall time on a shared machine). Run from the repository root:
+wall time on a shared machine; synchronized wall seconds on a GPU). Run from the repository root:
 
-    python benchmarks/check_overhead.py [--models deit_tiny_patch16_224] [--repeats 3] [--threads 2]
+    python benchmarks/check_overhead.py [--models deit_tiny_patch16_224] [--repeats 3] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -53,23 +53,31 @@ class TimedTrace:
             self.seconds += time.process_time() - start
 
 
+def clock(device: torch.device) -> float:
+    """Process CPU seconds on a CPU; on a GPU, wall seconds after a synchronization."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
 def calibrate(fp: torch.nn.Module, images: torch.Tensor, checked: bool) -> tuple[float, torch.nn.Module]:
     original = repq_module.keeps_fp_function
     repq_module.keeps_fp_function = original if checked else _no_check
     try:
-        start = time.process_time()
+        start = clock(images.device)
         model = build_method("repq_vit", BitWidth(4, 4)).quantize(copy.deepcopy(fp), image_calibration(images))
-        return time.process_time() - start, model
+        return clock(images.device) - start, model
     finally:
         repq_module.keeps_fp_function = original
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batch: torch.Tensor, tracked: bool) -> float:
-    start = time.process_time()
+    start = clock(batch.device)
     with tracking_calls(model) if tracked else contextlib.nullcontext():
         model(batch)
-    return time.process_time() - start
+    return clock(batch.device) - start
 
 
 def main() -> None:
@@ -77,14 +85,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, RepQ-ViT W4A4, 32 calibration images, eval batch 32, CPU seconds")
+    unit = "CPU seconds" if device.type == "cpu" else "synchronized wall seconds"
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, RepQ-ViT W4A4, 32 calibration images, eval batch 32, {unit}")
     print("| model | check's own forwards / calibration | calibration with check / without | eval with coverage hooks / without |\n|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
-        fp = timm.create_model(name, pretrained=False).eval()
-        images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        fp = timm.create_model(name, pretrained=False).eval().to(device)
+        images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
         with_check, without_check, tracked, plain, shares = [], [], [], [], []
         model = None
         for _ in range(args.repeats):

@@ -2,28 +2,34 @@
 
 Loads the oracle's ``fp_weight/*``, ``inputs/calib`` and ``inputs/eval``, builds the same (reduced-depth) timm
 model, runs our method with the oracle's bits, then prints per-layer agreement of every searched scale
-(w_interval, a_interval, A/B_interval, split) and logits agreement with ``logits/q``.
+(w_interval, a_interval, A/B_interval, split: every one of our values against the oracle value of its group of
+rows) and logits agreement with ``logits/q``. The bundle comes from a run of ../shared/oracles/ptq4vit_oracle.py
+(official code set up outside the repository as ../shared/oracles/README.md says), e.g.
+``$PEER_ROOT/venv/bin/python ../shared/oracles/ptq4vit_oracle.py --seed 0 --depth 1 --out <dir>/ptq4vit_d1.npz``.
 
-    .venv/bin/python benchmarks/compare_ptq4vit.py ../peers/oracle_out/ptq4vit_deit_tiny_d1_w4a4.npz
+    python benchmarks/compare_ptq4vit.py <dir>/ptq4vit_d1.npz
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import timm
-import torch
-import torch.nn.functional as F
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
 
-from ptq_bench.calibration import image_calibration
-from ptq_bench.methods import BitWidth, build_method
-from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
-from ptq_bench.quant.twin_uniform import TwinGeluQuantizer, TwinSoftmaxQuantizer, signed_qmax
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ptq_bench.calibration import image_calibration  # noqa: E402
+from ptq_bench.methods import BitWidth, build_method  # noqa: E402
+from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul  # noqa: E402
+from ptq_bench.quant.twin_uniform import TwinGeluQuantizer, TwinSoftmaxQuantizer, signed_qmax  # noqa: E402
 
 METHOD_OF_CONFIG = {"PTQ4ViT": "ptq4vit", "BasePTQ": "base_ptq"}
 
@@ -38,44 +44,58 @@ def build_model(oracle: np.lib.npyio.NpzFile, name: str, depth: int | None) -> n
 
 
 def our_scales(model: nn.Module, a_bits: int) -> dict[str, torch.Tensor]:
-    """Our searched scales under the oracle's key names (``<layer>.w_interval`` etc.), one value per group."""
+    """Our searched scales under the oracle's key names (``<layer>.w_interval`` etc.), flattened."""
     out: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, (QuantLinear, QuantConv2d)):
-            out[f"{name}.w_interval"] = m.weight_quantizer.scale.flatten()
+            out[f"{name}.w_interval"] = m.weight_quantizer.scale.flatten().cpu()
             q = m.input_quantizer
             if isinstance(q, TwinGeluQuantizer):
-                out[f"{name}.a_interval"] = q.interval.flatten()
+                out[f"{name}.a_interval"] = q.interval.flatten().cpu()
             elif q is not None:
-                out[f"{name}.a_interval"] = q.scale.flatten()
+                out[f"{name}.a_interval"] = q.scale.flatten().cpu()
         elif isinstance(m, QuantMatMul):
             qa = m.quantizer_a
             if isinstance(qa, TwinSoftmaxQuantizer):
-                out[f"{name}.split"] = qa.split.flatten()
-                out[f"{name}.A_interval"] = (qa.split / (signed_qmax(a_bits) - 1)).flatten()
+                out[f"{name}.split"] = qa.split.flatten().cpu()
+                out[f"{name}.A_interval"] = (qa.split / (signed_qmax(a_bits) - 1)).flatten().cpu()
             else:
-                out[f"{name}.A_interval"] = qa.scale.flatten()
-            out[f"{name}.B_interval"] = m.quantizer_b.scale.flatten()
+                out[f"{name}.A_interval"] = qa.scale.flatten().cpu()
+            out[f"{name}.B_interval"] = m.quantizer_b.scale.flatten().cpu()
     return out
 
 
+def expand_groups(ref: torch.Tensor, mine: torch.Tensor) -> torch.Tensor | None:
+    """The oracle's values, one per group of consecutive rows, repeated to our one value per row (None when our
+    count is not a multiple of the oracle's)."""
+    if mine.numel() == ref.numel():
+        return ref
+    if ref.numel() == 0 or mine.numel() % ref.numel():
+        return None
+    return ref.repeat_interleave(mine.numel() // ref.numel())
+
+
 def compare_scales(oracle: np.lib.npyio.NpzFile, ours: dict[str, torch.Tensor]) -> float:
-    """Print one line per oracle scale; return the largest relative difference."""
+    """Print one line per oracle scale, comparing every one of our values with its group's oracle value (as
+    ptq_bench.compare does); return the largest relative difference."""
     worst = 0.0
-    print(f"{'scale':42s} {'n':>4s} {'oracle[0]':>12s} {'ours[0]':>12s} {'max rel diff':>12s} {'#differ':>8s}")
+    print(f"{'scale':42s} {'n':>4s} {'ours n':>6s} {'oracle[0]':>12s} {'ours[0]':>12s} {'max rel diff':>12s} {'#differ':>8s}")
     for key in sorted(k for k in oracle.files if k.startswith("qparam/")):
         name = key[len("qparam/") :]
         if name not in ours:
             print(f"{name:42s} (not quantized here: the conv input stays FP in both implementations)")
             continue
         ref = torch.from_numpy(np.asarray(oracle[key], dtype=np.float32)).flatten()
-        mine = ours[name]
-        if mine.numel() != ref.numel():  # ours stores one scale per output row
-            mine = mine.view(ref.numel(), -1)[:, 0]
-        rel = ((mine - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
-        differ = int((~torch.isclose(mine, ref, rtol=1e-4, atol=0)).sum())
+        mine = ours[name].detach().float()
+        expanded = expand_groups(ref, mine)
+        if expanded is None:
+            print(f"{name:42s} {ref.numel():4d} {mine.numel():6d} value counts do not match: cannot compare")
+            worst = float("inf")
+            continue
+        rel = ((mine - expanded).abs() / expanded.abs().clamp_min(1e-12)).max().item()
+        differ = int((~torch.isclose(mine, expanded, rtol=1e-4, atol=0)).sum())
         worst = max(worst, rel)
-        print(f"{name:42s} {ref.numel():4d} {ref[0].item():12.6g} {mine[0].item():12.6g} {rel:12.3e} {differ:8d}")
+        print(f"{name:42s} {ref.numel():4d} {mine.numel():6d} {ref[0].item():12.6g} {mine[0].item():12.6g} {rel:12.3e} {differ:8d}")
     return worst
 
 
@@ -91,15 +111,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("oracle", type=Path, help="oracle .npz (its .json sidecar must sit next to it)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where ours runs (the oracle ran on the CPU)")
     args = ap.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     oracle = np.load(args.oracle)
     meta = json.loads(args.oracle.with_suffix(".json").read_text())
     run = meta["args"]
-    model = build_model(oracle, run["model"], run.get("depth"))
-    calib, evalx = torch.from_numpy(oracle["inputs/calib"]), torch.from_numpy(oracle["inputs/eval"])
+    model = build_model(oracle, run["model"], run.get("depth")).to(device)
+    calib, evalx = torch.from_numpy(oracle["inputs/calib"]).to(device), torch.from_numpy(oracle["inputs/eval"]).to(device)
     with torch.no_grad():
-        fp = model(evalx)
+        fp = model(evalx).cpu()
     print(f"FP logits vs oracle logits/fp: {logits_agreement(fp, torch.from_numpy(oracle['logits/fp']))}")
 
     metric = next(iter(meta["quantizers"].values()))["metric"]  # example/test_all.py sets it for both configs
@@ -110,7 +132,7 @@ def main() -> None:
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     worst = compare_scales(oracle, our_scales(model, run["a_bits"]))
     with torch.no_grad():
-        q = model(evalx)
+        q = model(evalx).cpu()
     print(f"largest relative scale difference: {worst:.3e}")
     print(f"quantized logits vs oracle logits/q: {logits_agreement(q, torch.from_numpy(oracle['logits/q']))}")
     print(f"quantized vs FP logits (ours):       {logits_agreement(q, fp)}")

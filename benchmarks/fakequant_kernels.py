@@ -7,7 +7,7 @@ it applies (it rounds x·(1/s) rather than x/s, so it is not exact; "fused ≠" 
 the FP floor ``x.clone()``. Warm-up, then interleaved repeats; medians, and the largest interquartile range of a
 row relative to its median as the spread.
 
-    python benchmarks/fakequant_kernels.py [--threads 1 2] [--batch-size 32] [--repeats 25]
+    python benchmarks/fakequant_kernels.py [--threads 1 2] [--batch-size 32] [--repeats 25] [--device cpu]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Case:
 
 
 def calibrated(quantizer: Quantizer, x: torch.Tensor) -> Quantizer:
+    quantizer.to(x.device)
     quantizer.calibrating = True
     with torch.no_grad():
         quantizer(x)
@@ -70,7 +71,7 @@ def odd_last_bit(value: float) -> float:
 def fractional_case(x: torch.Tensor, bits: int, zero_point: float) -> Case:
     """Per tensor with RepQ-ViT's fractional zero point after reparameterization."""
     q = calibrated(UniformQuantizer(bits), x)
-    s, z = q.scale, torch.tensor(zero_point)
+    s, z = q.scale, torch.tensor(zero_point, device=x.device)
     q.set_params(s, z)
     return Case(
         f"uniform tensor, z = {zero_point:.7g}",
@@ -97,10 +98,10 @@ def log_case(kind: str, quantizer: _LogQuantizer, attention: torch.Tensor) -> Ca
     return Case(kind, attention, lambda t: q._fake_quant_table(t, q.scale), q.quantize)
 
 
-def cases(batch_size: int, bits: int) -> list[Case]:
+def cases(batch_size: int, bits: int, device: torch.device = torch.device("cpu")) -> list[Case]:
     torch.manual_seed(0)
-    tokens = [torch.randn(batch_size, TOKENS, width) for width in (DIM, 4 * DIM)]
-    attention = (torch.randn(batch_size, HEADS, TOKENS, TOKENS) * 2).softmax(-1)
+    tokens = [torch.randn(batch_size, TOKENS, width).to(device) for width in (DIM, 4 * DIM)]
+    attention = (torch.randn(batch_size, HEADS, TOKENS, TOKENS) * 2).softmax(-1).to(device)
     z = 2 ** (bits - 1) - 0.5  # the middle of the grid, as for a symmetric post-LayerNorm range
     return [
         *(tensor_case(x, bits) for x in (*tokens, attention)),
@@ -113,7 +114,9 @@ def cases(batch_size: int, bits: int) -> list[Case]:
 
 
 def interleaved(kernels: dict[str, Kernel], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each kernel: two warm-up calls, then ``repeats`` rounds calling each once in turn."""
+    """Seconds per call of each kernel: two warm-up calls, then ``repeats`` rounds calling each once in turn (wall
+    time, after a synchronization on a GPU)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in kernels}
     with torch.no_grad():
         for _ in range(2):
@@ -121,8 +124,10 @@ def interleaved(kernels: dict[str, Kernel], x: torch.Tensor, repeats: int) -> di
                 kernel(x)
         for _ in range(repeats):
             for name, kernel in kernels.items():
+                sync()
                 start = time.perf_counter()
                 kernel(x)
+                sync()
                 times[name].append(time.perf_counter() - start)
     return times
 
@@ -157,13 +162,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bits", type=int, default=4, help="activation bit-width")
     parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.bits}-bit activations")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {args.device}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{args.bits}-bit activations")
     print(
         "| kind | shape | threads | floor (ms) | before (ms) | after (ms) | after/before | before/floor | after/floor "
         "| spread | after = before | fused ms (≠ elements) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    all_cases = cases(args.batch_size, args.bits)
+    all_cases = cases(args.batch_size, args.bits, device)
     for threads in args.threads:
         torch.set_num_threads(threads)
         for case in all_cases:
