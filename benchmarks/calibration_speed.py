@@ -12,9 +12,10 @@ says (``<peer root>/RepQ-ViT`` and ``<peer root>/timm-0.4.12``; the interpreter 
 when it exists, else this one). The peer root is ``--peer-root``, else ``$PEER_ROOT``, else ``../peers`` beside
 the clone. ``--official run`` keeps each oracle sidecar in ``--timings-dir`` (default
 ``outputs/benchmarks/oracle_timing``, ignored by git); ``--official recorded`` reuses those files instead of
-running the official code again, and ``--official skip`` times ours alone.
+running the official code again, and ``--official skip`` times ours alone. The default, ``auto``, runs the official
+code when the peer root has it and otherwise times ours alone, saying so (a fresh clone with ../shared/ only).
 
-    python benchmarks/calibration_speed.py --models deit_tiny deit_small [--official run|recorded|skip]
+    python benchmarks/calibration_speed.py --models deit_tiny deit_small [--official auto|run|recorded|skip]
     python benchmarks/calibration_speed.py --official skip --method ptq4vit --depth 1 [--device cuda]
 """
 
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--official", choices=["run", "recorded", "skip"], default="run")
+    parser.add_argument("--official", choices=["auto", "run", "recorded", "skip"], default="auto")
     parser.add_argument("--peer-root", type=Path, default=None, help="default: $PEER_ROOT, else ../peers")
     parser.add_argument("--peer-python", default=None, help="default: <peer root>/venv/bin/python if it exists, else this interpreter")
     parser.add_argument("--oracles", type=Path, default=SHARED_ORACLES, help="the shared oracle scripts (default ../shared/oracles)")
@@ -118,6 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     bits = BitWidth(4, 4)
     device = torch.device(args.device)
+    if args.official == "auto" and (args.method != "repq_vit" or args.depth or device.type != "cpu"):
+        args.official = "skip"
     if args.official != "skip" and (args.method != "repq_vit" or args.depth or device.type != "cpu"):
         raise SystemExit("error: the official comparison is RepQ-ViT, full depth, on the CPU: use --official skip "
                          "with --method, --depth or --device")
@@ -125,6 +128,13 @@ def main() -> None:
     python = args.peer_python or str(peer_root / "venv" / "bin" / "python")
     if args.peer_python is None and not Path(python).exists():
         python = sys.executable
+    if args.official == "auto":
+        try:
+            check_peer_setup(peer_root, args.oracles)
+            args.official = "run"
+        except SystemExit as missing:
+            print(f"{str(missing).removeprefix('error: ')}; timing ours alone", flush=True)
+            args.official = "skip"
     if args.official == "run":
         check_peer_setup(peer_root, args.oracles)
     sidecars = {s: sidecar_path(args.timings_dir, s, args.calib_size, args.seed, bits, args.threads) for s in args.models}
