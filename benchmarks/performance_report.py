@@ -6,9 +6,12 @@ benchmarks/reconstruction_speed.py, benchmarks/calibration_speed.py), writing JS
 then replaces the text between ``<!-- measured:<name> -->`` and ``<!-- /measured:<name> -->`` in ``--out`` and
 leaves the rest of the page alone. The official-code columns need a peer root set up as ../shared/oracles/README.md
 says (``$PEER_ROOT``, else ``../peers``; RepQ-ViT and IaS-ViT); without one they are left out and the page says so.
-``--from-json`` rebuilds the page from an earlier run's JSON without measuring.
+``--from-json`` rebuilds the page from an earlier run's JSON without measuring. ``--gpu-dir`` also writes the GPU
+section (measured by benchmarks/gpu_check.sh on a CUDA machine, whose output folder it names) and the cost of the
+paper tables on GPUs computed from it.
 
     python benchmarks/performance_report.py [--quick] [--peer-root DIR] [--device cpu] [--out docs/performance.md]
+    python benchmarks/performance_report.py --from-json --gpu-dir outputs/gpu_check
 
 About an hour on the 2-core development machine (``--quick``: about 20 minutes, fewer repeats and iterations).
 """
@@ -159,8 +162,7 @@ def recon_table(data: dict[str, Any], data_t2: Optional[dict[str, Any]]) -> str:
                   "| official loop | ms / iteration (median over rounds) | ours / official, per round |", "|---|---|---|"]
         for stage, what in (("1", "stage 1: activations quantized, weights FP and learned"),
                             ("3", "stage 3: weights and activations quantized (as in our loops)")):
-            medians = [sorted(r[f"stage{stage}_iter_cpu_s"][3:])[len(r[f"stage{stage}_iter_cpu_s"][3:]) // 2]
-                       for r in data["official"]]
+            medians = [official_median(r, stage, data.get("warmup", 3)) for r in data["official"]]
             ratios = ""
             if stage == "3":
                 ratios = "; ".join(f"{loop} {', '.join(f'{v:.2f}' for v in values)}"
@@ -169,6 +171,12 @@ def recon_table(data: dict[str, Any], data_t2: Optional[dict[str, Any]]) -> str:
     else:
         lines += ["", "The official I&S-ViT loop was not run (no peer root with IaS-ViT): see benchmarks/peers/ias_block_speed.py."]
     return "\n".join(lines)
+
+
+def official_median(ref: dict[str, Any], stage: str, warmup: int = 3) -> float:
+    """Median seconds per iteration of one official I&S-ViT stage (CPU time on a CPU, synchronized wall on a GPU)."""
+    times = sorted(ref[f"stage{stage}_iter_{ref.get('clock', 'cpu')}_s"][warmup:])
+    return times[len(times) // 2]
 
 
 def calib_table(data: dict[str, Any], ptq4vit: Optional[dict[str, Any]]) -> str:
@@ -238,22 +246,28 @@ def run_costs(eval_data: dict[str, Any], recon: dict[str, Any], calib: dict[str,
     return costs
 
 
+def table_totals(costs: dict[str, dict[str, float]], spec: dict[str, Any]) -> tuple[float, float, float, int, set[str]]:
+    """Hours of all runs of one paper table, of its own method's runs, its longest run; run count; unmeasured methods."""
+    total, own, longest, runs, missing = 0.0, 0.0, 0.0, 0, set()
+    for model in spec["models"]:
+        for method, count in spec["runs"].items():
+            if method not in costs[model]:
+                missing.add(method)
+                continue
+            hours = costs[model][method]
+            total += count * hours
+            runs += count
+            longest = max(longest, hours)
+            if method == spec["method"]:
+                own += count * hours
+    return total, own, longest, runs, missing
+
+
 def cost_table(costs: dict[str, dict[str, float]]) -> str:
     lines = ["| table | runs | CPU hours, all runs (1 thread) | of which the paper's own method | longest run (h) | "
              "wall on this 2-core machine (2 runs at a time) | wall on 8 / 64 parallel 1-core workers |", "|---|---|---|---|---|---|---|"]
     for name, spec in TABLES.items():
-        total, own, longest, runs, missing = 0.0, 0.0, 0.0, 0, set()
-        for model in spec["models"]:
-            for method, count in spec["runs"].items():
-                if method not in costs[model]:
-                    missing.add(method)
-                    continue
-                hours = costs[model][method]
-                total += count * hours
-                runs += count
-                longest = max(longest, hours)
-                if method == spec["method"]:
-                    own += count * hours
+        total, own, longest, runs, missing = table_totals(costs, spec)
         note = f" (without {', '.join(sorted(missing))}: not measured)" if missing else ""
         lines.append(f"| {name}{note} | {runs} | {total:,.0f} | {own:,.0f} | {longest:.1f} | {max(total / 2, longest):,.0f} h "
                      f"| {max(total / 8, longest):,.0f} h / {max(total / 64, longest):,.0f} h |")
@@ -267,15 +281,157 @@ def cost_table(costs: dict[str, dict[str, float]]) -> str:
                                                        for k in ("fp", "repq_vit", "ptq4vit", "dopq_vit", "aiqvit")) + " |")
     return "\n".join(lines + per_model)
 
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def first_line(path: Path, pattern: str) -> str:
+    """The last line of ``path`` matching ``pattern`` (pytest's summary, nvidia-smi's GPU line), or ''."""
+    if not path.is_file():
+        return ""
+    found = [line.strip() for line in path.read_text(errors="replace").splitlines() if re.search(pattern, line)]
+    return found[-1] if found else ""
+
+
+def mib(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:,.0f}" if key in row else "–"
+
+
+def gpu_section(gpu: Path) -> str:
+    """Section 5 from a benchmarks/gpu_check.sh output folder."""
+    env = (gpu / "env.txt").read_text().strip() if (gpu / "env.txt").is_file() else "environment not recorded"
+    tests = first_line(gpu / "pytest.txt", r"\d+ (passed|failed)") or "the test suite was not run"
+    lines = [f"Measured by `benchmarks/gpu_check.sh` on {env}. Test suite there: `{tests}`.", ""]
+    eval_data = load(gpu, "eval")
+    if eval_data:
+        batch = eval_data["rows"][0]["batch_size"]
+        lines += [f"**Evaluation** (`eval_overhead.py --device cuda`, batch {batch}, {eval_data['rows'][0]['repeats']} "
+                  "interleaved rounds, synchronized wall time; images per second of the median batch; ratios: median of "
+                  "per-round ratios, IQR / median in brackets; peak memory allocated during one batch):", "",
+                  "| model | method | FP img/s (fused attention) | FP img/s (explicit) | quantized img/s | quant / FP fused "
+                  "| quant / FP explicit | peak MiB FP / quantized |", "|---|---|---|---|---|---|---|---|"]
+        for r in eval_data["rows"]:
+            lines.append(f"| {r['model']} | {r['method']} | {r['fp_fused_images_per_s']:,.0f} | {r['fp_explicit_images_per_s']:,.0f} "
+                         f"| {r['quant_images_per_s']:,.0f} | {r['quant/fp_fused']:.2f} ({r['quant/fp_fused_iqr']:.0%}) "
+                         f"| {r['quant/fp_explicit']:.2f} ({r['quant/fp_explicit_iqr']:.0%}) "
+                         f"| {mib(r, 'fp_fused_peak_mib')} / {mib(r, 'quant_peak_mib')} |")
+        compiled = [r for r in eval_data["rows"] if "quant_compiled/fp_fused" in r]
+        if compiled:
+            lines += ["", "Compiled evaluation (`--compile`: torch.compile of the quantized model; the FP model compiled "
+                      "beside it where measured):", "",
+                      "| model | method | quant compiled img/s | quant compiled / FP fused | quant compiled / FP compiled | compile s |",
+                      "|---|---|---|---|---|---|"]
+            for r in compiled:
+                vs_fp = f"{r['quant_compiled/fp_compiled']:.2f}" if "quant_compiled/fp_compiled" in r else "–"
+                lines.append(f"| {r['model']} | {r['method']} | {r['quant_compiled_images_per_s']:,.0f} | "
+                             f"{r['quant_compiled/fp_fused']:.2f} ({r['quant_compiled/fp_fused_iqr']:.0%}) | {vs_fp} | "
+                             f"{r.get('compile_s', float('nan')):.0f} |")
+    recon = load(gpu, "recon")
+    if recon:
+        lines += ["", f"**Block reconstruction** (`reconstruction_speed.py --device cuda`, {recon['bits']}, batch "
+                  f"{recon['batch_size']}, {recon['iters']} iterations per block, the first {recon.get('warmup', 3)} left "
+                  "out; first block of each timm model, the four MNIST-ViT blocks):", "",
+                  "| model | loop | it/s | ms / iteration (IQR / median) |", "|---|---|---|---|"]
+        for r in recon["rows"]:
+            lines.append(f"| {r['model']} | {r['loop']} | {r['it_per_s']:.0f} | {r['median_s'] * 1e3:.1f} ({r['iqr_rel']:.0%}) |")
+        for ref in recon.get("official", []):
+            stage3 = official_median(ref, "3", recon.get("warmup", 3))
+            ours = {r["loop"]: r["median_s"] for r in recon["rows"] if r["model"] == "deit_tiny" and r["round"] == ref["round"]}
+            ratio = ", ".join(f"{loop} {t / stage3:.2f}" for loop, t in ours.items())
+            lines += ["", f"Official I&S-ViT ({ref['peer']} @ {ref['commit'][:7]}, timm {ref['timm']}, torch {ref['torch']}) on the "
+                      f"same device, deit_tiny block 0, batch {ref['batch_size']}: stage 1 {official_median(ref, '1', recon.get('warmup', 3)) * 1e3:.1f} ms, "
+                      f"stage 3 {stage3 * 1e3:.1f} ms per iteration; ours / official stage 3: {ratio} (target ≤ 0.5)."]
+    calib, ptq4vit = load(gpu, "calib"), load(gpu, "calib_ptq4vit")
+    if calib:
+        p4 = {r["model"]: r["ours_wall_s"] for r in (ptq4vit or {"rows": []})["rows"]}
+        lines += ["", f"**Calibration** (`calibration_speed.py --device cuda`, {calib['calib_size']} images as in the papers, "
+                  "W4A4, synchronized wall seconds, block captures and reparameterization included):", "",
+                  "| model | RepQ-ViT (s) | PTQ4ViT (s) |", "|---|---|---|"]
+        for r in calib["rows"]:
+            p4_cell = f"{p4[r['model']]:.1f}" if r["model"] in p4 else "–"
+            lines.append(f"| {r['model']} | {r['ours_wall_s']:.1f} | {p4_cell} |")
+    table = gpu / "tables" / "table.md"
+    if table.is_file():
+        lines += ["", "**The CLI on cuda** (`run.py device=cuda model=mnist_vit bits=w4a4`, DopQ-ViT and AIQViT at 50 "
+                  "reconstruction iterations per block, not their protocols), the report of its records:", "",
+                  table.read_text().strip()]
+    return "\n".join(lines)
+
+
+#: block reconstruction time per iteration of models not measured on the GPU, from a measured one of the same layout:
+#: ViT-S/B are DeiT-S/B's blocks; Swin-S's blocks are Swin-T's (same widths per stage), Swin-B's are 128/96 wider
+#: (time scaled by the width², never below Swin-T's).
+SAME_BLOCKS = {"vit_small": ("deit_small", 1.0), "vit_base": ("deit_base", 1.0), "swin_small": ("swin_tiny", 1.0),
+               "swin_base": ("swin_tiny", (128 / 96) ** 2)}
+
+
+def gpu_run_costs(gpu: Path) -> dict[str, dict[str, float]]:
+    """GPU hours per run of each method on each model, from a gpu_check.sh folder (measured per model where it can be)."""
+    eval_data, recon, calib, ptq4vit = load(gpu, "eval"), load(gpu, "recon"), load(gpu, "calib"), load(gpu, "calib_ptq4vit")
+    if not (eval_data and recon and calib):
+        raise SystemExit(f"error: {gpu} lacks eval.json, recon.json or calib.json (benchmarks/gpu_check.sh bench writes them)")
+    fp_img: dict[str, float] = {}
+    q_img: dict[str, float] = {}
+    for r in eval_data["rows"]:
+        fp_img[r["model"]] = 1 / r["fp_fused_images_per_s"]
+        q_img[r["model"]] = max(q_img.get(r["model"], 0.0), 1 / r["quant_images_per_s"])  # the slower method
+    repq = {r["model"]: r["ours_wall_s"] for r in calib["rows"]}
+    iteration: dict[tuple[str, str], float] = {(r["model"], r["loop"]): r["median_s"] for r in recon["rows"]}
+    p4_tiny = next((r["ours_wall_s"] for r in (ptq4vit or {"rows": []})["rows"] if r["model"] == "deit_tiny"), None)
+
+    def per_iteration(model: str, loop: str) -> Optional[float]:
+        if (model, loop) in iteration:
+            return iteration[(model, loop)]
+        base, factor = SAME_BLOCKS.get(model, (None, 1.0))
+        return iteration[(base, loop)] * factor if (base, loop) in iteration else None
+
+    costs: dict[str, dict[str, float]] = {}
+    for model in SEVEN:
+        if model not in q_img or model not in repq:
+            continue
+        eval_q = EVAL_IMAGES * q_img[model]
+        c = {"fp": EVAL_IMAGES * fp_img[model], "repq_vit": repq[model] + eval_q}
+        if p4_tiny is not None:  # measured on deit_tiny; scaled by multiply-adds, never below deit_tiny's
+            c["ptq4vit"] = p4_tiny * max(1.0, GFLOPS[model] / GFLOPS["deit_tiny"]) + eval_q
+        capture = (BLOCKS[model] + 1) * q_img[model]  # about blocks + 1 forwards of each calibration image
+        d, a = PROTOCOL["dopq_vit"], PROTOCOL["aiqvit"]
+        dopq = per_iteration(model, "dopq")
+        if dopq is not None:
+            c["dopq_vit"] = repq[model] + d["calib"] * capture + BLOCKS[model] * d["iters"] * dopq + eval_q
+        search, recon_it = per_iteration(model, "aiqvit_search"), per_iteration(model, "aiqvit")
+        if search is not None and recon_it is not None:  # measured at batch 32; AIQViT's 24 costs no more on a GPU
+            c["aiqvit"] = a["calib"] * capture + BLOCKS[model] * (a["search_iters"] * search + a["iters"] * recon_it) + eval_q
+        costs[model] = {k: v / 3600 for k, v in c.items()}
+    return costs
+
+
+def gpu_cost_table(costs: dict[str, dict[str, float]], gpu_name: str) -> str:
+    lines = [f"| table | runs | GPU hours, all runs | of which the paper's own method | longest run (h) | wall on 1 GPU "
+             f"| wall on 8 GPUs (8 runs at a time) |", "|---|---|---|---|---|---|---|"]
+    for name, spec in TABLES.items():
+        models = [m for m in spec["models"] if m in costs]
+        total, own, longest, runs, missing = table_totals(costs, {**spec, "models": models})
+        note = f" (without {', '.join(sorted(missing))}: not measured)" if missing else ""
+        lines.append(f"| {name}{note} | {runs} | {total:,.1f} | {own:,.1f} | {longest:.2f} | {total:,.1f} h "
+                     f"| {max(total / 8, longest):,.1f} h |")
+    methods = ("fp", "repq_vit", "ptq4vit", "dopq_vit", "aiqvit")
+    lines += ["", f"Per run, GPU hours on one {gpu_name} (ImageNet's 50,000 evaluation images; each method's calibration "
+              "protocol; PTQ4ViT measured on deit_tiny and scaled by multiply-adds; reconstruction per iteration measured "
+              "on the first block of deit_tiny, deit_small, deit_base and swin_tiny, the other models' blocks from these):",
+              "", "| model | " + " | ".join(methods) + " |", "|---|---|---|---|---|---|"]
+    for model in SEVEN:
+        if model in costs:
+            lines.append(f"| {model} | " + " | ".join(f"{costs[model][k]:.2f}" if k in costs[model] else "–" for k in methods) + " |")
+    return "\n".join(lines)
+
 
 # ------------------------------------------------------------------------------------------------ page
 
 
 def replace_section(page: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- measured:{name} -->\n).*?(\n<!-- /measured:{name} -->)", re.S)
+    pattern = re.compile(rf"(<!-- measured:{name} -->\n)(?:.*?\n)?(<!-- /measured:{name} -->)", re.S)
     if not pattern.search(page):
         raise SystemExit(f"error: docs page has no <!-- measured:{name} --> ... <!-- /measured:{name} --> section")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), page)
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), page)
 
 
 def main() -> None:
@@ -286,6 +442,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and iterations, 1 thread only")
     parser.add_argument("--from-json", action="store_true", help="only rebuild the page from --work-dir's JSON")
+    parser.add_argument("--gpu-dir", type=Path, default=None, help="also write the GPU sections from this gpu_check.sh folder")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if not args.from_json:
@@ -295,11 +452,17 @@ def main() -> None:
         raise SystemExit(f"error: {args.work_dir} lacks eval.json, recon.json or calib.json: run without --from-json")
     recon_t2, ptq4vit = load(args.work_dir, "recon_t2"), load(args.work_dir, "calib_ptq4vit_d1")
     page = args.out.read_text()
-    page = replace_section(page, "machine", machine())
+    if not args.from_json:
+        page = replace_section(page, "machine", machine())
     page = replace_section(page, "eval", eval_table(eval_data))
     page = replace_section(page, "reconstruction", recon_table(recon, recon_t2))
     page = replace_section(page, "calibration", calib_table(calib, ptq4vit))
     page = replace_section(page, "cost", cost_table(run_costs(eval_data, recon, calib, ptq4vit)))
+    if args.gpu_dir is not None:
+        page = replace_section(page, "gpu", gpu_section(args.gpu_dir))
+        gpu_name = first_line(args.gpu_dir / "env.txt", "torch") or "GPU"
+        gpu_name = re.sub(r".*CUDA \S+ (.*?) timm.*", r"\1", gpu_name)
+        page = replace_section(page, "gpu_cost", gpu_cost_table(gpu_run_costs(args.gpu_dir), gpu_name))
     args.out.write_text(page)
     print(f"wrote {args.out}")
 

@@ -8,8 +8,8 @@ is stopped. Reported per loop: median seconds per iteration (process CPU time on
 GPU), the interquartile range relative to the median, the mean (re-rankings included) and iterations per second
 (1 / median), with the wall-clock iterations per second beside (what more threads buy). The first ``--warmup`` iterations of every block are left out.
 
-Models: ``deit_tiny`` (random-init timm ``deit_tiny_patch16_224``, seeded N(0, 1) images as in ../shared/oracles) and
-``mnist_vit`` (the shipped checkpoint and the first MNIST train-split images). Loops: ``dopq`` (DopQ-ViT's step-size
+Models: the timm models of benchmarks/_models.py (``deit_tiny`` ... ``swin_base``; random-init weights, seeded N(0, 1)
+images as in ../shared/oracles) and ``mnist_vit`` (the shipped checkpoint and the first MNIST test-split images). Loops: ``dopq`` (DopQ-ViT's step-size
 reconstruction), ``aiqvit_search`` (AIQViT's rank search: two optimizer steps per iteration) and ``aiqvit`` (AIQViT's
 reconstruction of branches, DFQ bounds and activation scales with the curriculum).
 
@@ -17,9 +17,10 @@ reconstruction of branches, DFQ bounds and activation scales with the curriculum
         [--iters 30] [--threads 1] [--device cpu] [--json out.json]
 
 ``--profile`` prints, for the first block of each loop, where the CPU time goes (matmuls, boolean masks, tan/atan,
-copies, other elementwise operators) and the top operators. ``--official PEER_ROOT`` also runs the official I&S-ViT block-reconstruction loop (zysxmu/IaS-ViT, set up outside
-the repository as ../shared/oracles/README.md describes, plus benchmarks/peers/ias_block_speed.py) on deit_tiny's
-first block at the same batch size and thread count, and prints our time per iteration relative to it.
+copies, other elementwise operators) and the top operators. ``--official PEER_ROOT`` also runs the official I&S-ViT
+block-reconstruction loop (zysxmu/IaS-ViT, set up outside the repository as ../shared/oracles/README.md describes,
+plus benchmarks/peers/ias_block_speed.py) on deit_tiny's first block at the same batch size, thread count and device,
+and prints our time per iteration relative to it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import ptq_bench.methods.aiqvit as aiqvit_module  # noqa: E402
 import ptq_bench.methods.dopq_vit as dopq_module  # noqa: E402
 from ptq_bench.calibration import image_calibration  # noqa: E402
 from ptq_bench.methods import BitWidth, build_method  # noqa: E402
+from _models import TIMM_NAMES  # noqa: E402  (benchmarks/_models.py)
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPS = ("dopq", "aiqvit_search", "aiqvit")
@@ -55,11 +57,11 @@ class _Done(Exception):
 
 def build_model(name: str, calib_size: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
     """The FP model and ``calib_size`` calibration images."""
-    if name == "deit_tiny":
+    if name in TIMM_NAMES:
         import timm
 
         torch.manual_seed(0)
-        model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+        model = timm.create_model(TIMM_NAMES[name], pretrained=False)
         images = torch.randn((calib_size, 3, 224, 224), generator=torch.Generator().manual_seed(1000))
     elif name == "mnist_vit":
         from safetensors.torch import load_file
@@ -72,7 +74,7 @@ def build_model(name: str, calib_size: int, device: torch.device) -> tuple[torch
         pixels = _read_idx(REPO / "data" / "mnist" / "t10k-images-idx3-ubyte.gz")[:calib_size]
         images = (torch.from_numpy(pixels.copy()).float().div(255).sub(0.1307).div(0.3081)).unsqueeze(1)
     else:
-        raise SystemExit(f"unknown model {name!r} (deit_tiny, mnist_vit)")
+        raise SystemExit(f"unknown model {name!r} ({', '.join([*TIMM_NAMES, 'mnist_vit'])})")
     return model.eval().to(device), images.to(device)
 
 
@@ -176,7 +178,8 @@ def summary(per_block: list[list[tuple[float, float]]], warmup: int, cpu: bool) 
     return out
 
 
-def official(peer_root: Path, python: str, iters: int, batch_size: int, threads: int, calib_size: int) -> dict[str, Any]:
+def official(peer_root: Path, python: str, iters: int, batch_size: int, threads: int, calib_size: int,
+             device: torch.device) -> dict[str, Any]:
     """The official I&S-ViT loop on deit_tiny's first block, timed by benchmarks/peers/ias_block_speed.py."""
     if not (peer_root / "IaS-ViT").is_dir() or not (peer_root / "timm-0.4.12").is_dir():
         raise SystemExit(
@@ -184,7 +187,7 @@ def official(peer_root: Path, python: str, iters: int, batch_size: int, threads:
             f"{peer_root}/timm-0.4.12, made as ../shared/oracles/README.md 'Setup' says"
         )
     cmd = [python, str(OFFICIAL_DRIVER), "--iters", str(iters), "--batch-size", str(batch_size),
-           "--threads", str(threads), "--calib-size", str(calib_size)]
+           "--threads", str(threads), "--calib-size", str(calib_size), "--device", device.type]
     done = subprocess.run(cmd, env=dict(os.environ, PEER_ROOT=str(peer_root)), stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:  # its stderr went straight to ours
         raise SystemExit(f"official I&S-ViT driver failed (exit {done.returncode}): {' '.join(cmd)}")
@@ -193,19 +196,19 @@ def official(peer_root: Path, python: str, iters: int, batch_size: int, threads:
 
 def official_medians(ref: dict[str, Any], warmup: int) -> dict[str, float]:
     """Median seconds per iteration of each official stage (first ``warmup`` iterations left out)."""
-    return {stage: statistics.median(ref[f"stage{stage}_iter_cpu_s"][warmup:]) for stage in ref["stages"]}
+    return {stage: statistics.median(ref[f"stage{stage}_iter_{ref.get('clock', 'cpu')}_s"][warmup:]) for stage in ref["stages"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["deit_tiny", "mnist_vit"], choices=["deit_tiny", "mnist_vit"])
+    parser.add_argument("--models", nargs="+", default=["deit_tiny", "mnist_vit"], choices=[*TIMM_NAMES, "mnist_vit"])
     parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
     parser.add_argument("--bits", default="4,4")
     parser.add_argument("--iters", type=int, default=30, help="iterations per block and loop")
     parser.add_argument("--warmup", type=int, default=3, help="first iterations of each block left out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--calib-size", type=int, default=64)
-    parser.add_argument("--blocks", type=int, default=None, help="blocks timed per model (default: deit_tiny 1, mnist_vit 4)")
+    parser.add_argument("--blocks", type=int, default=None, help="blocks timed per model (default: timm models 1, mnist_vit 4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything (ours, then the official loop) this often")
@@ -216,8 +219,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.official is not None and device.type != "cpu":
-        raise SystemExit("error: the official I&S-ViT loop is timed on the CPU only (drop --official or use --device cpu)")
     bits = BitWidth(*map(int, args.bits.split(",")))
     unit = "CPU s" if device.type == "cpu" else "wall s (synchronized)"
     print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {bits.label}, batch {args.batch_size}, "
@@ -231,7 +232,7 @@ def main() -> None:
         loops.append("aiqvit")
     for round_ in range(args.rounds):
         for model_name in args.models:
-            blocks = args.blocks or (1 if model_name == "deit_tiny" else 4)
+            blocks = args.blocks or (4 if model_name == "mnist_vit" else 1)
             for loop in loops:
                 measured = time_loop(loop, model_name, bits, args.iters, args.batch_size, args.calib_size, blocks, device,
                                      args.profile)
@@ -244,7 +245,7 @@ def main() -> None:
                           f"{s['median_s'] * 1e3:.1f} | {s['iqr_rel']:.0%} | {s['mean_s'] * 1e3:.1f} | {s['wall_it_per_s']:.1f} |",
                           flush=True)
         if args.official is not None:
-            ref = official(args.official, args.official_python, args.iters, args.batch_size, args.threads, args.calib_size)
+            ref = official(args.official, args.official_python, args.iters, args.batch_size, args.threads, args.calib_size, device)
             ref["round"] = round_
             references.append(ref)
             medians = official_medians(ref, args.warmup)
@@ -252,7 +253,8 @@ def main() -> None:
                 print(f"| {round_} | deit_tiny | official I&S-ViT stage {stage} | 1 | {1 / median:.1f} | {median * 1e3:.1f} | | | |",
                       flush=True)
     result: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "threads": args.threads, "bits": bits.label,
-                              "batch_size": args.batch_size, "iters": args.iters, "rounds": args.rounds, "rows": rows}
+                              "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds,
+                              "rows": rows}
     if references:
         ref = references[0]
         print(f"\nours / official I&S-ViT ({ref['peer']} @ {ref['commit'][:7]}, timm {ref['timm']}) per iteration, deit_tiny "
