@@ -37,7 +37,7 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
     step "the test suite (device=auto: the CLI tests run on cuda; tests/test_cuda.py compares every method on cuda with the CPU)"
     workers=()
     $PY -c "import xdist" 2>/dev/null && workers=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))")
-    run pytest.txt "${TESTS_LIMIT:-270}" $PY -m pytest -q -p no:cacheprovider -rfEs "${workers[@]}"
+    run pytest.txt "${TESTS_LIMIT:-270}" $PY -m pytest -p no:cacheprovider -rfEs "${workers[@]}"
 fi
 
 if [ "$PART" = bench ] || [ "$PART" = all ]; then
