@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 11 (item 3), for a session that has a CUDA machine: a few minutes on one GPU, in two parts
-# that can run as two calls (each part's steps have their own time limits, so one slow step cannot eat the rest).
+# The GPU check of issue 11 (item 3), for a session that has a CUDA machine: about ten minutes on one GPU, in parts
+# that can run as separate calls (each step has its own time limit, so one slow step cannot eat the rest).
 #
-#   benchmarks/gpu_check.sh tests   # the whole test suite on the GPU machine (pytest-xdist when installed), about 2-4 min
-#   benchmarks/gpu_check.sh bench   # the benchmarks and the CLI on cuda, about 6-8 min
-#   benchmarks/gpu_check.sh         # both
+#   benchmarks/gpu_check.sh                 # every part
+#   benchmarks/gpu_check.sh tests cli calib # some: tests (the whole suite, pytest-xdist when installed), cli (run.py
+#                                           # on cuda), calib, eval, recon, kernels
 #
 # Results go to $GPU_CHECK_DIR (default outputs/gpu_check; ignored by git): env.txt, pytest.txt, each benchmark's
 # text and JSON, the CLI's records and report. `python benchmarks/performance_report.py --gpu-dir <that folder>
@@ -15,7 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 DIR=${GPU_CHECK_DIR:-outputs/gpu_check}
-PART=${1:-all}
+PARTS=" ${*:-tests cli calib eval recon kernels} "
+want() { [[ $PARTS == *" $1 "* ]]; }
 mkdir -p "$DIR"
 status=0
 export PYTHONUNBUFFERED=1
@@ -33,31 +34,37 @@ nvidia-smi > "$DIR/nvidia-smi.txt" 2>&1 && head -12 "$DIR/nvidia-smi.txt"
 $PY -c "import torch, timm, platform; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('python', platform.python_version(), 'torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0), 'timm', timm.__version__)" \
     | tee "$DIR/env.txt" || { echo "no usable CUDA device: stop"; exit 1; }
 
-if [ "$PART" = tests ] || [ "$PART" = all ]; then
+if want tests; then
     step "the test suite (device=auto: the CLI tests run on cuda; tests/test_cuda.py compares every method on cuda with the CPU)"
     workers=()
     $PY -c "import xdist" 2>/dev/null && workers=(-n "$(( $(nproc) > 14 ? 14 : $(nproc) ))")
     run pytest.txt "${TESTS_LIMIT:-270}" $PY -m pytest -p no:cacheprovider -rfEs "${workers[@]}"
 fi
 
-if [ "$PART" = bench ] || [ "$PART" = all ]; then
+if want eval; then
     step "eval: FP (fused and explicit attention) and fake-quant images/s at 224², peak memory, deit_tiny ... swin_base"
     run eval.txt 170 $PY benchmarks/eval_overhead.py --device cuda --threads 4 --repeats 15 --warmup 3 --batch-size 64 \
         --models deit_tiny deit_small deit_base vit_small vit_base swin_tiny swin_small swin_base --methods minmax repq_vit \
         --json "$DIR/eval.json"
+fi
 
+if want recon; then
     step "block reconstruction iterations/s on cuda (DopQ-ViT, AIQViT search and reconstruction), official I&S-ViT beside"
     official=()
     [ -n "${PEER_ROOT:-}" ] && [ -d "$PEER_ROOT/IaS-ViT" ] && official=(--official "$PEER_ROOT" --official-python "$PY")
     run recon.txt 150 $PY benchmarks/reconstruction_speed.py --device cuda --iters 40 --warmup 10 \
         --models deit_tiny deit_small deit_base swin_tiny mnist_vit "${official[@]}" --json "$DIR/recon.json"
+fi
 
+if want calib; then
     step "calibration seconds on cuda at the papers' 32 images: RepQ-ViT on every model, PTQ4ViT on deit_tiny"
     run calib_repq.txt 90 $PY benchmarks/calibration_speed.py --device cuda --official skip \
         --models deit_tiny deit_small deit_base vit_small vit_base swin_tiny swin_small swin_base --json "$DIR/calib.json"
     run calib_ptq4vit.txt 120 $PY benchmarks/calibration_speed.py --device cuda --official skip --method ptq4vit \
         --models deit_tiny --json "$DIR/calib_ptq4vit.json"
+fi
 
+if want cli; then
     step "the CLI on cuda: the shipped MNIST model, FP and four methods at W4A4 (small reconstruction budgets)"
     run cli.txt 100 bash -c "$PY run.py -m device=cuda model=mnist_vit bits=w4a4 method=fp,minmax,repq_vit logger=none \
         results_dir=$DIR/runs hydra.sweep.dir=$DIR/sweep && \
@@ -66,11 +73,13 @@ if [ "$PART" = bench ] || [ "$PART" = all ]; then
       $PY run.py device=cuda model=mnist_vit bits=w4a4 method=aiqvit method.search_iters=20 method.iters=50 logger=none \
         results_dir=$DIR/runs hydra.run.dir=$DIR/run_aiqvit && \
       $PY -m ptq_bench.report --runs $DIR/runs --out $DIR/tables"
+fi
 
+if want kernels; then
     step "fake-quant kernels on cuda"
     run kernels.txt 40 $PY benchmarks/fakequant_kernels.py --device cuda --threads 1 --repeats 50
 fi
 
 echo
-[ $status -eq 0 ] && echo "gpu_check $PART: all steps passed; results in $DIR" || echo "gpu_check $PART: some steps FAILED (see above); results in $DIR"
+[ $status -eq 0 ] && echo "gpu_check$PARTS: all steps passed; results in $DIR" || echo "gpu_check$PARTS: some steps FAILED (see above); results in $DIR"
 exit $status
