@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ptq_bench.datasets import expand_path
 from ptq_bench.errors import PTQBenchError
-from ptq_bench.models.build import read_state_dict
+from ptq_bench.models.build import read_checkpoint
 
 #: (regex, replacement) applied to every key in order: an example codebase's ViT names → timm VisionTransformer's.
 RENAMES = [
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--drop", action="append", default=[], metavar="REGEX", help="leave out keys matching REGEX")
     args = parser.parse_args()
     try:
-        source = read_state_dict(expand_path(args.source))
+        source, _ = read_checkpoint(expand_path(args.source))
     except PTQBenchError as error:
         raise SystemExit(f"error: {error}") from None
     state = rename_keys(source, args.rename or RENAMES, args.drop)

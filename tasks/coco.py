@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.checks import integer, optional_integer
 from ptq_bench.errors import CheckpointError, ConfigError, DataError
-from ptq_bench.models.build import ModelInfo, file_sha256, parameters_sha256, read_state_dict
+from ptq_bench.models.build import ModelInfo, parameters_sha256, read_checkpoint
 from tasks import TASKS
 from tasks.base import Task
 from tasks.classification import draw_indices
@@ -107,9 +107,10 @@ def convert_mmdet2_swin(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {**swin_converter(backbone), **rest}  # swin_converter prefixes "backbone." again
 
 
-def load_detector_checkpoint_(model: nn.Module, path: Path) -> bool:
-    """Load ``path`` (weights_only) strictly into ``model``, converting mmdet-2.x Swin keys; True if it converted."""
-    state = read_state_dict(path)
+def load_detector_checkpoint_(model: nn.Module, path: Path) -> tuple[bool, str]:
+    """Load ``path`` (weights_only) strictly into ``model``, converting mmdet-2.x Swin keys; whether it converted,
+    and the file's sha256 (of the bytes loaded: one read)."""
+    state, sha256 = read_checkpoint(path)
     converted = is_mmdet2_swin(state)
     if converted:
         state = convert_mmdet2_swin(state)
@@ -122,7 +123,7 @@ def load_detector_checkpoint_(model: nn.Module, path: Path) -> bool:
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit model.mmdet_config: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
-    return converted
+    return converted, sha256
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -226,8 +227,7 @@ class Coco(Task):
         quiet_init_weights(model)
         checkpoint = expand_path(self.cfg.model.checkpoint) if self.cfg.model.get("checkpoint") else None
         if checkpoint:
-            self.converted = load_detector_checkpoint_(model, checkpoint)
-            sha = file_sha256(checkpoint)
+            self.converted, sha = load_detector_checkpoint_(model, checkpoint)
         else:
             sha = parameters_sha256(model)  # random init: buffers (BN statistics, position indices) are their defaults
             log.warning("model '%s' has random weights (no model.checkpoint): AP is not comparable with published numbers", self.cfg.model.name)

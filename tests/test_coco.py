@@ -6,6 +6,7 @@ hw_shape), and the conversion of the Swin repository's mmdet-2.x checkpoint keys
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def test_mmdet2_swin_checkpoint_keys_are_converted(built, tmp_path, caplog):
     torch.manual_seed(1)
     fresh, _ = task_for(path.parent, Path(task.cfg.model.mmdet_config)).build_model()
     with caplog.at_level("INFO", logger="tasks.coco"):
-        assert load_detector_checkpoint_(fresh, path)
+        converted, sha256 = load_detector_checkpoint_(fresh, path)
+    assert converted and sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "mmdet-2.x" in caplog.text
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key

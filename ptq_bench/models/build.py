@@ -9,6 +9,7 @@ timm state dict (.pth/.pt/.bin via ``torch.load(weights_only=True)``, or .safete
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import sys
 from dataclasses import dataclass
@@ -44,14 +45,6 @@ class ModelInfo:
     random_init: bool  # neither a checkpoint nor pretrained weights: accuracy is meaningless, fidelity is not
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tensors_sha256(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
     for key, value in items:
@@ -71,19 +64,23 @@ def parameters_sha256(model: nn.Module) -> str:
     return _tensors_sha256(model.named_parameters())
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch pickle (tensors only), unwrapping ``model``/``state_dict``."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of .safetensors or a torch pickle (tensors only; ``model``/``state_dict`` unwrapped) and the
+    sha256 of the file, from one read: the hash is of the very bytes loaded, and a Swin-B or Cascade Mask R-CNN
+    checkpoint (hundreds of MB) is not read twice."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise CheckpointError(f"unsupported checkpoint type '{path.suffix}' (expected {', '.join(CHECKPOINT_SUFFIXES)})")
+    content = path.read_bytes()
+    sha256 = hashlib.sha256(content).hexdigest()
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            state = load_file(str(path))
+            state = load(content)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as error:  # any parse failure is the file's fault, not ours
         raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}") from None
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
@@ -93,12 +90,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = nested
     if not isinstance(state, Mapping) or not state:
         raise CheckpointError(f"checkpoint {path} holds no state dict")
-    return dict(state)
+    return dict(state), sha256
 
 
-def load_checkpoint_(model: nn.Module, path: Path) -> None:
-    """Load ``path`` strictly; a mismatch raises one line naming the first offending keys."""
-    state = read_state_dict(path)
+def load_checkpoint_(model: nn.Module, path: Path) -> str:
+    """Load ``path`` strictly and return its sha256; a mismatch raises one line naming the first offending keys."""
+    state, sha256 = read_checkpoint(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -116,6 +113,7 @@ def load_checkpoint_(model: nn.Module, path: Path) -> None:
                 f"{str(own[key].dtype).removeprefix('torch.')} (convert the checkpoint to floating point first)"
             )
     model.load_state_dict(state, strict=True)
+    return sha256
 
 
 def first_line(error: BaseException) -> str:
@@ -167,8 +165,7 @@ def build_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo]:
         raise ConfigError(f"model builder for '{cfg['name']}' returned {type(model).__name__}, not an nn.Module")
     checkpoint = expand_path(cfg["checkpoint"]) if cfg.get("checkpoint") else None
     if checkpoint:
-        load_checkpoint_(model, checkpoint)
-        sha = file_sha256(checkpoint)
+        sha = load_checkpoint_(model, checkpoint)
     else:
         sha = state_dict_sha256(model)
     random_init = not checkpoint and not cfg.get("pretrained") and weights != "builder"
