@@ -34,6 +34,21 @@ def expand_home(arg: str) -> str:
     return f"{key}={os.path.expanduser(value)}" if sep and value.startswith("~") else arg
 
 
+def check_experiments(args: list[str]) -> None:
+    """``+experiment=<name>``: an unknown name or a missing ``+`` is one error line listing conf/experiment/, before
+    Hydra composes (its own error spans a dozen lines); experiments.py (and pandas) load only when one is given."""
+    if not any("experiment=" in arg for arg in args):
+        return
+    from ptq_bench.errors import ConfigError
+    from ptq_bench.experiments import check_experiment_args
+
+    try:
+        check_experiment_args(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def execute(cfg: DictConfig) -> dict:
     from ptq_bench.harness import run
 
@@ -65,4 +80,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 1:
         sys.argv.extend(DEMO_ARGS)
     sys.argv[1:] = [expand_home(arg) for arg in sys.argv[1:]]
+    check_experiments(sys.argv[1:])
     main()

@@ -14,7 +14,9 @@ same happens, job by job, in ``python run.py +experiment=<name> dry_run=true`` (
 from __future__ import annotations
 
 import itertools
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,39 @@ from ptq_bench.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 AXES = ("model", "method", "bits")
+#: An experiment on run.py's command line: ``+experiment=<name>``, and the typos ``experiment=`` / ``++experiment=``.
+EXPERIMENT_ARG = re.compile(r"(\+{0,2})experiment=(.*)")
 
 
 def experiment_names() -> list[str]:
     return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-def compose(name: str, overrides: list[str]) -> DictConfig:
-    """The experiment's config (hydra node included) with ``overrides``; one-line ConfigError for an unknown name."""
+def check_name(name: str) -> None:
+    """One-line ConfigError listing the experiments when ``name`` is not one of conf/experiment/."""
     if name not in experiment_names():
         raise ConfigError(f"unknown experiment '{name}' (known: {', '.join(experiment_names())})")
+
+
+def check_experiment_args(args: Sequence[str]) -> None:
+    """run.py's ``experiment=`` arguments name experiments (a sweep: names joined by commas) added with ``+``; checked
+    before Hydra composes, whose own errors for an unknown name or a missing ``+`` span several lines."""
+    for arg in args:
+        match = EXPERIMENT_ARG.fullmatch(arg)
+        if match is None:
+            continue
+        plus, value = match.groups()
+        names = value.split(",")
+        if all(re.fullmatch(r"[\w.-]*", name) for name in names):  # Hydra's sweep functions (glob, choice) stay Hydra's
+            for name in names:
+                check_name(name)
+        if plus != "+":
+            raise ConfigError(f"{arg}: an experiment is added to the config, write +experiment={value}")
+
+
+def compose(name: str, overrides: list[str]) -> DictConfig:
+    """The experiment's config (hydra node included) with ``overrides``; one-line ConfigError for an unknown name."""
+    check_name(name)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

@@ -74,3 +74,16 @@ def test_checkpoint_that_does_not_fit(tmp_path, image_folder_root):
     result = run_cli(*folder_args(image_folder_root, tmp_path), f"model.checkpoint={path}")
     assert_clean_error(result, "does not fit the model", "wrong shape")
     assert_clean_error(run_cli(*folder_args(image_folder_root, tmp_path), f"model.checkpoint={tmp_path / 'no.pth'}"), "checkpoint not found")
+
+
+@pytest.mark.parametrize("arg, phrase", [
+    ("+experiment=nonexistent", "unknown experiment 'nonexistent' (known: aiqvit_table1, "),
+    ("+experiment=demo_table,repqvit_tabel1", "unknown experiment 'repqvit_tabel1'"),
+    ("experiment=nonexistent", "unknown experiment 'nonexistent'"),
+    ("experiment=demo_table", "write +experiment=demo_table"),
+])
+def test_unknown_experiment_is_one_line_before_any_work(tmp_path, arg, phrase):
+    result = run_cli(arg, f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert_clean_error(result, phrase)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not any(tmp_path.iterdir())  # no Hydra output folder, no results folder
