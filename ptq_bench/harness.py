@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptq_bench import __version__
 from ptq_bench.checks import boolean, integer, writable_directory
+from ptq_bench.distributed import is_main_process
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
 from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules, tracking_calls
@@ -124,7 +125,8 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
 
 
 def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, Any]:
-    """Quantize and evaluate one run; returns its record (the stored one when the run already has a record)."""
+    """Quantize and evaluate one run; returns its record (the stored one when the run already has a record; on a
+    rank other than 0 of a distributed run, the record unwritten)."""
     from tasks import TASKS
 
     cfg, protocol = apply_protocol(cfg)  # per-method options, budget caps, checkpoint folder, paper-table cells
@@ -195,6 +197,8 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
         "env": environment(REPO, str(settings.device)),
         "output_dir": str(output_dir),
     }
+    if not is_main_process():  # torchrun: every rank evaluated its share; rank 0 writes and logs the one record
+        return record
     path = store.write(record)
     log.info("%s: %s %.4g (record %s)", label, task.primary_metric, metrics[task.primary_metric], path)
     log_to_wandb(cfg.logger, record, label, output_dir)
