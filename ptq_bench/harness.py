@@ -23,10 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptq_bench import __version__
 from ptq_bench.checks import boolean, integer, writable_directory
+from ptq_bench.compiled_eval import evaluating
 from ptq_bench.distributed import is_main_process
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
-from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules, tracking_calls
+from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules
 from ptq_bench.protocol import apply_protocol
 from ptq_bench.results.environment import environment, peak_memory, start_memory_tracking
 from ptq_bench.results.store import SCHEMA_VERSION, RecordStore, run_key
@@ -46,6 +47,7 @@ class RunSettings:
     calib_size: int
     progress: bool
     force: bool
+    eval_compile: bool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +74,7 @@ def read_settings(cfg: DictConfig, method_uses_calibration: bool) -> RunSettings
         calib_size=integer(calib, "method.calib_size", 1) if method_uses_calibration else 0,
         progress=boolean(cfg.task.progress, "task.progress"),
         force=boolean(cfg.force, "force"),
+        eval_compile=boolean(cfg.eval_compile, "eval_compile"),
     )
 
 
@@ -112,6 +115,7 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("checkpoint", None)
     model.pop("display", None)
+    compiled = {"eval_compile": True} if settings.eval_compile else {}  # off: the keys of earlier runs
     return {
         "task": task.name,
         **task.identity(),
@@ -121,6 +125,7 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
         "bits": [settings.bits.w, settings.bits.a] if method.uses_bits else None,
         "seed": settings.seed,
         "code_version": __version__,
+        **compiled,
     }
 
 
@@ -135,6 +140,8 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
         return {"run_key": "", "skipped": protocol.skip}
     task_cls = TASKS.get(str(cfg.task.name))
     settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration)
+    if settings.eval_compile and not task_cls.compilable:
+        raise ConfigError(f"eval_compile=true: task {task_cls.name} does not call its model as model(batch); leave eval_compile off")
     method = build_method(cfg.method, settings.bits, seed=settings.seed, progress=settings.progress)
     task = task_cls(cfg, settings.progress)
     task.validate()
@@ -165,8 +172,8 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
         check_calibrated(model)
     model.eval()
     eval_start = time.perf_counter()
-    with tracking_calls(model) as calls:
-        metrics = task.evaluate(model, settings.device, label, fp_model)
+    with evaluating(model, settings.eval_compile) as (evaluated, calls):
+        metrics = task.evaluate(evaluated, settings.device, label, fp_model)
     eval_seconds = time.perf_counter() - eval_start
     check_ran(calls)
 
@@ -191,6 +198,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
             "total_s": time.perf_counter() - start,
         },
         "device": str(settings.device),
+        "eval_compile": settings.eval_compile,
         "memory": peak_memory(settings.device, rss_baseline),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": OmegaConf.to_container(cfg, resolve=True),

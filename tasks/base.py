@@ -25,6 +25,8 @@ class Task(ABC):
     name: ClassVar[str]
     #: The metric a table shows by default (a key of :meth:`evaluate`'s result).
     primary_metric: ClassVar[str]
+    #: Whether :meth:`evaluate` calls the model it is given as ``model(batch)``, so ``eval_compile`` can compile it.
+    compilable: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig, progress: bool) -> None:
         self.cfg = cfg

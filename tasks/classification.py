@@ -94,6 +94,7 @@ class Classification(Task):
 
     name = "classification"
     primary_metric = "top1"
+    compilable = True
 
     def __init__(self, cfg: DictConfig, progress: bool) -> None:
         super().__init__(cfg, progress)

@@ -30,6 +30,8 @@ class _WeightCache:
         self.value: torch.Tensor | None = None
 
     def get(self, weight: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return quantizer(weight)  # in the compiled graph: no Python cache to trace
         if torch.is_grad_enabled() and (weight.requires_grad or _has_trainable_state(quantizer)):
             return quantizer(weight)  # a learnable weight or step size must see fresh gradients
         key = (weight.data_ptr(), weight._version, quantizer.version)

@@ -69,6 +69,8 @@ class _LogQuantizer(Quantizer):
         return (x / scale).log2_().mul_(-self.steps_per_octave).round_()
 
     def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the literal table form (the exp2 form's rounding relies on strict IEEE)
+            return self._fake_quant_table(x, scale)
         if exp2_reproduces_levels(type(self), self.bits, x.dtype, x.device.type):
             return self._fake_quant_exp2(x, scale)
         return self._fake_quant_table(x, scale)

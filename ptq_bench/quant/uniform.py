@@ -125,6 +125,8 @@ class UniformQuantizer(Quantizer):
             # the same values as the literal expression above, one autograd node (ptq_bench/quant/ste.py)
             bounds = self._shifted_bounds(zero_point, torch.result_type(x, scale))
             return uniform_ste(x, scale, zero_point, self.qmin, self.qmax, bounds)
+        if torch.compiler.is_compiling():  # the literal expression: inductor fuses it into one kernel
+            return (torch.clamp(torch.round(x / scale) + zero_point, self.qmin, self.qmax) - zero_point) * scale
         # inference, in place on one fresh tensor: four passes where the shifted clamp is exact (see
         # shifted_clamp_bounds), the literal six otherwise
         bounds = self._shifted_bounds(zero_point, torch.result_type(x, scale))

@@ -78,6 +78,8 @@ def protocol_label(record: Mapping[str, Any]) -> str:
     data = (record.get("config") or {}).get("data") or {}
     if data.get("max_eval_images"):
         parts.append(f"eval {data['max_eval_images']} imgs")
+    if (record.get("config") or {}).get("eval_compile"):
+        parts.append("compiled eval")  # may differ from eager evaluation by rounding
     return "; ".join(parts)
 
 
