@@ -29,6 +29,7 @@ from ptq_bench.quant.twin_uniform import (
 )
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
+CPU = torch.device("cpu")
 
 
 def settings(metric: str = "hessian", **kw) -> SearchSettings:
@@ -115,11 +116,11 @@ def test_linear_search_picks_brute_force_minimum(groups: int, twin: bool) -> Non
     for gi in range(groups):
         sl = slice(gi * rows, (gi + 1) * rows)
         scores = [official_score(raw[..., sl], F.linear(quant_x(x, a0), interval_quant(w[sl], f * w_init[gi], 4), b[sl]),
-                                 grad[..., sl]) for f in s.factors()]  # fmt: skip
-        best_w.append(s.factors()[int(torch.tensor(scores).argmax())] * w_init[gi])
+                                 grad[..., sl]) for f in s.factors(CPU)]  # fmt: skip
+        best_w.append(s.factors(CPU)[int(torch.tensor(scores).argmax())] * w_init[gi])
     w_q = torch.cat([interval_quant(w[gi * rows : (gi + 1) * rows], best_w[gi], 4) for gi in range(groups)])
-    scores = [official_score(raw, F.linear(quant_x(x, f * a0), w_q, b), grad) for f in s.factors()]
-    best_a = s.factors()[int(torch.tensor(scores).argmax())] * a0
+    scores = [official_score(raw, F.linear(quant_x(x, f * a0), w_q, b), grad) for f in s.factors(CPU)]
+    best_a = s.factors(CPU)[int(torch.tensor(scores).argmax())] * a0
     assert torch.allclose(layer.weight_quantizer.scale.view(groups, -1)[:, 0], torch.stack(best_w), rtol=1e-6)
     got_a = layer.input_quantizer.interval if twin else layer.input_quantizer.scale
     assert torch.allclose(got_a, best_a, rtol=1e-6)
@@ -140,8 +141,8 @@ def test_softmax_split_search_picks_brute_force_minimum() -> None:
     v0 = v.abs().amax(dim=(0, 2, 3)) / 7.5
     for h in range(3):
         per_head = [official_score(raw[:, h], a_sim[:, h] @ interval_quant(v[:, h], f * v0[h], 4), grad[:, h])
-                    for f in settings().factors()]  # fmt: skip
-        assert torch.isclose(layer.quantizer_b.scale.flatten()[h], settings().factors()[int(torch.tensor(per_head).argmax())] * v0[h])
+                    for f in settings().factors(CPU)]  # fmt: skip
+        assert torch.isclose(layer.quantizer_b.scale.flatten()[h], settings().factors(CPU)[int(torch.tensor(per_head).argmax())] * v0[h])
 
 
 def test_cosine_metric_search_runs_without_gradients() -> None:

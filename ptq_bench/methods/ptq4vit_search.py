@@ -45,14 +45,14 @@ class SearchSettings:
     n_split: int
     chunk_numel: int  # elements allowed in one candidate stack
 
-    def factors(self) -> torch.Tensor:
-        """α + i(β-α)/n for i < n. The official code builds n+1 values but evaluates only the first n."""
+    def factors(self, device: torch.device) -> torch.Tensor:
+        """α + i(β-α)/n for i < n, on ``device``. The official code builds n+1 values but evaluates only the first n."""
         step = self.eq_beta - self.eq_alpha
-        return torch.tensor([self.eq_alpha + i * step / self.eq_n for i in range(self.eq_n)])
+        return torch.tensor([self.eq_alpha + i * step / self.eq_n for i in range(self.eq_n)], device=device)
 
-    def splits(self) -> torch.Tensor:
-        """Split-point candidates 2^-i, i < n_split (``SoSPTQSLBatchingQuantMatMul.calibration_step2``)."""
-        return torch.tensor([2.0 ** (-i) for i in range(self.n_split)])
+    def splits(self, device: torch.device) -> torch.Tensor:
+        """Split-point candidates 2^-i, i < n_split (``SoSPTQSLBatchingQuantMatMul.calibration_step2``), on ``device``."""
+        return torch.tensor([2.0 ** (-i) for i in range(self.n_split)], device=device)
 
 
 def init_interval(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -155,7 +155,7 @@ def search_linear(layer: QuantLinear, record: Recording, settings: SearchSetting
 
     w_interval = init_interval(weight.view(groups, -1).abs().amax(dim=1), bits.w)
     a_interval = init_interval(x.max() if twin else x.abs().max(), bits.a).reshape(1)
-    factors = settings.factors()
+    factors = settings.factors(weight.device)
     w_cands = factors.view(-1, 1) * w_interval.unsqueeze(0)
     a_cands = factors.view(-1, 1) * a_interval.unsqueeze(0)
     for r in range(settings.search_round):
@@ -214,12 +214,12 @@ def search_matmul(layer: QuantMatMul, record: Recording, settings: SearchSetting
 
         return run(heads * n * (inner + m), score, cands.shape[0])
 
-    factors = settings.factors().view(-1, 1)
+    factors = settings.factors(b.device).view(-1, 1)
     b_interval = init_interval(b.abs().amax(dim=(0, 2, 3)), bits)
     b_cands = factors * b_interval.unsqueeze(0)
     if twin:
         # The split search ignores B's scale, so every round repeats the first one.
-        split_cands = settings.splits().view(-1, 1)
+        split_cands = settings.splits(b.device).view(-1, 1)
         split = best(split_cands, split_scores(split_cands)).reshape(())
         b_interval = best(b_cands, b_scores(lambda t: twin_softmax_quant(t, split, bits), b_cands))
         layer.quantizer_a.set_split(split)
@@ -263,7 +263,7 @@ def search_conv(layer: QuantConv2d, record: Recording, settings: SearchSettings,
         return similarity(raw_s, out, grad_s, settings.metric, dim=None).mean(dim=[3, 4]).sum(dim=0)
 
     init = weight.abs().amax(dim=(1, 2, 3)) if channelwise else weight.abs().max().reshape(1)
-    cands = settings.factors().view(-1, 1) * init_interval(init, bits).unsqueeze(0)
+    cands = settings.factors(weight.device).view(-1, 1) * init_interval(init, bits).unsqueeze(0)
     w_interval = best(cands, grid_scores(cands.shape[0], x.shape[0], raw[0].numel(), settings.chunk_numel, score))
     _install_uniform(layer.weight_quantizer, w_interval.expand(out_channels).reshape(-1, 1, 1, 1))
 
