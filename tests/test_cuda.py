@@ -14,9 +14,8 @@ from ptq_bench.calibration import image_calibration
 from ptq_bench.datasets import _read_idx
 from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.models import named_quantizers
-from ptq_bench.quant.base import round_ste
 from ptq_bench.quant.ste import tangent_ste, uniform_ste
-from ptq_bench.quant.tanq import tan_fake_quant
+from ste_reference import literal, literal_tangent  # tests/ste_reference.py
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -69,7 +68,7 @@ def test_fused_training_quantizers_on_cuda() -> None:
     s, z = torch.tensor(0.3, device=CUDA, requires_grad=True), torch.tensor(8.0, device=CUDA)
     out = uniform_ste(x, s, z, 0, 15, (-8.0, 7.0))
     x2, s2 = x.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
-    ref = (torch.clamp(round_ste(x2 / s2) + z, 0, 15) - z) * s2
+    ref = literal(x2, s2, z, 0, 15)
     weight = torch.randn(out.shape, generator=g).to(CUDA)
     (out * weight).sum().backward()
     (ref * weight).sum().backward()
@@ -77,7 +76,7 @@ def test_fused_training_quantizers_on_cuda() -> None:
     attn = (torch.randn(4, 3, 20, 20, generator=g) * 3).softmax(-1).to(CUDA)
     a1, a2 = attn.clone().requires_grad_(True), attn.clone().requires_grad_(True)
     theta0, theta1 = torch.tensor(-0.75, device=CUDA), torch.tensor(0.75, device=CUDA)
-    y1, y2 = tangent_ste(a1, theta0, theta1, 4), tan_fake_quant(a2, theta0, theta1, 4)
+    y1, y2 = tangent_ste(a1, theta0, theta1, 4), literal_tangent(a2, theta0, theta1, 4)
     y1.sum().backward()
     y2.sum().backward()
     assert torch.equal(y1, y2) and torch.allclose(a1.grad, a2.grad, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,8 @@
 """The one-node straight-through quantizers of block reconstruction (ptq_bench/quant/ste.py) give the literal
 expressions' values bit for bit and their autograd gradients up to float rounding, for every way the uniform,
-tangent and DFQ quantizers are trained; the quantizers use them only where something requires grad."""
+tangent and DFQ quantizers are trained; the quantizers use them only where something requires grad. The literal
+expressions clamp with the subgradient 1 at the bounds (ste.py's convention, torch's clamp before 2.13), whatever
+the installed torch's clamp does."""
 
 from __future__ import annotations
 
@@ -16,10 +18,7 @@ from ptq_bench.quant.observers import affine_params
 from ptq_bench.quant.ste import tangent_ste, uniform_ste
 from ptq_bench.quant.tanq import TanQuantizer, tan_fake_quant
 from ptq_bench.quant.uniform import shifted_clamp_bounds
-
-
-def literal(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    return (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
+from ste_reference import literal, literal_tangent  # tests/ste_reference.py
 
 
 def grads(fn, *inputs: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list]:
@@ -71,12 +70,13 @@ def test_uniform_ste_equals_the_literal_expression(shape, scale_shape, z_value, 
         assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_uniform_ste_mask_is_strict_like_clamp() -> None:
-    """Values that round onto a bound get no gradient, as torch's clamp gives none at its bounds."""
+@pytest.mark.parametrize("bounds", [(0.0, 15.0), None])
+def test_uniform_ste_mask_includes_the_bounds(bounds) -> None:
+    """Values that round onto a bound pass their gradient (torch's clamp before 2.13), beyond them none."""
     s, z = torch.tensor(1.0), torch.tensor(0.0)
-    x = torch.tensor([-3.0, 0.0, 0.4, 1.0, 14.6, 15.0, 20.0], requires_grad=True)
-    uniform_ste(x, s, z, 0, 15, (0.0, 15.0)).sum().backward()
-    assert x.grad.tolist() == [0, 0, 0, 1, 0, 0, 0]
+    x = torch.tensor([-3.0, -0.6, 0.0, 0.4, 1.0, 14.6, 15.0, 15.4, 20.0], requires_grad=True)
+    uniform_ste(x, s, z, 0, 15, bounds).sum().backward()
+    assert x.grad.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0]
 
 
 def test_per_token_bounds_and_learned_zero_point() -> None:
@@ -115,7 +115,8 @@ def test_tangent_ste_equals_tan_fake_quant(per_head: bool) -> None:
     else:
         theta0, theta1 = torch.tensor(-0.75), torch.tensor(0.75)
     for bits in (3, 4, 8):
-        ref_out, (ref,) = grads(lambda a, bits=bits: tan_fake_quant(a, theta0, theta1, bits), *copies(x, grad=(True,)))
+        assert torch.equal(literal_tangent(x, theta0, theta1, bits), tan_fake_quant(x, theta0, theta1, bits))
+        ref_out, (ref,) = grads(lambda a, bits=bits: literal_tangent(a, theta0, theta1, bits), *copies(x, grad=(True,)))
         out, (got,) = grads(lambda a, bits=bits: tangent_ste(a, theta0, theta1, bits), *copies(x, grad=(True,)))
         assert torch.equal(out, ref_out)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)

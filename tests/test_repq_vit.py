@@ -21,7 +21,7 @@ from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.models import calibrating, named_quantizers, prepare_, set_quantizers_enabled
 from ptq_bench.quant import QUANTIZERS, UniformQuantizer
 from ptq_bench.quant.log import Log2Quantizer, LogSqrt2Quantizer
-from ptq_bench.quant.observers import rowwise_quantiles
+from ptq_bench.quant.observers import _rank, rowwise_quantiles
 from ptq_bench.transforms import reparameterize_layernorm_
 
 FIXTURE = Path(__file__).parent / "fixtures" / "repq_vit_tiny_w4a4.npz"
@@ -106,6 +106,17 @@ def test_rowwise_quantiles_equal_torch_quantile(n: int) -> None:
     qs = [1.0 - 0.999, 0.999, 1.0 - 0.99999, 0.99999, 0.5]
     for q, value in zip(qs, rowwise_quantiles(rows, qs)):
         assert torch.equal(value, torch.quantile(rows, q, dim=1))
+
+
+def test_quantile_rank_conventions_of_old_and_new_torch() -> None:
+    """torch.quantile formed the rank in float32 until pytorch/pytorch#187574 and in double since; the observers
+    follow the installed torch (the test above), and both forms are pinned here."""
+    below, weight = _rank(0.999, 1000, torch.float32, in_dtype=True)
+    assert (below, weight) == (998, 0.0010375976562500)  # float32(0.999) · 999 rounded to float32
+    below, weight = _rank(0.999, 1000, torch.float32, in_dtype=False)
+    assert below == 998 and weight == pytest.approx(float(torch.tensor(0.999)) * 999 - 998, abs=1e-12)  # 0.00101286
+    assert _rank(0.99999, 200_003, torch.float32, in_dtype=True) == (200_000, 0.0)  # the rank rounds up in float32
+    assert _rank(0.99999, 200_003, torch.float32, in_dtype=False)[0] == 199_999
 
 
 # ------------------------------------------------------------------------------- reparameterization

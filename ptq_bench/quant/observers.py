@@ -5,6 +5,7 @@ Every observer is vectorized over rows, so per-channel calibration costs one sor
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -39,17 +40,43 @@ def grid_bounds(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _interpolated_quantile(order_stat: Callable[[int], torch.Tensor], n: int, q: float, dtype: torch.dtype) -> torch.Tensor:
-    """Linear-interpolation quantile from ``order_stat(i)`` (the i-th smallest value of each row).
+@functools.cache
+def ranks_in_input_dtype() -> bool:
+    """Whether the installed ``torch.quantile`` forms the rank q·(n − 1) in the input's dtype (torch before
+    pytorch/pytorch#187574, 2026, under which the official RepQ-ViT code ran) rather than in double. Probed once:
+    both forms on fixed random rows (n = 1000, q = 0.999: rank 998.00104 in float32, 998.00101 in double), compared
+    with torch.quantile; a torch that matches neither is refused rather than silently computed differently."""
+    rows = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)).sort(dim=1).values
+    reference = torch.quantile(rows, 0.999, dim=1)
+    for in_dtype in (True, False):
+        below, weight = _rank(0.999, 1000, torch.float32, in_dtype)
+        if torch.equal(torch.lerp(rows[:, below], rows[:, below + 1], torch.full_like(reference, weight)), reference):
+            return in_dtype
+    raise RuntimeError(f"torch {torch.__version__}: torch.quantile forms its rank neither in float32 nor in double; "
+                       "ptq_bench.quant.observers cannot reproduce it bit for bit")
 
-    Bit-identical to ``torch.quantile`` on float32 rows: torch first casts ``q`` to the input dtype (so 0.999
-    becomes float32(0.999)), then takes the rank ``q * (n - 1)`` in double and interpolates in the input dtype.
-    """
-    pos = torch.tensor(q, dtype=dtype).item() * (n - 1)
-    lo = int(pos // 1)
-    hi = min(lo + 1, n - 1)
-    below, above = order_stat(lo), order_stat(hi)
-    return torch.lerp(below, above, torch.full_like(below, pos - lo))
+
+def _rank(q: float, n: int, dtype: torch.dtype, in_dtype: bool | None = None) -> tuple[int, float]:
+    """(index below, interpolation weight) of quantile ``q`` of ``n`` sorted values, as the installed torch.quantile
+    forms them (``in_dtype`` None) or as given: q is cast to the input dtype first (0.999 becomes float32(0.999)),
+    then the rank is q·(n − 1) in that dtype or in double (:func:`ranks_in_input_dtype`)."""
+    q_cast = torch.tensor(q, dtype=dtype)
+    if in_dtype if in_dtype is not None else ranks_in_input_dtype():
+        rank = q_cast * (n - 1)
+        below = int(rank.floor().item())
+        return below, (rank - below).item()
+    position = q_cast.item() * (n - 1)
+    below = int(position // 1)
+    return below, position - below
+
+
+def _interpolated_quantile(order_stat: Callable[[int], torch.Tensor], n: int, q: float, dtype: torch.dtype) -> torch.Tensor:
+    """Linear-interpolation quantile from ``order_stat(i)`` (the i-th smallest value of each row), bit-identical to
+    ``torch.quantile`` of the installed torch on float32 rows (:func:`_rank`; the weight is cast to the input dtype
+    and the values interpolated with ``lerp``)."""
+    below, weight = _rank(q, n, dtype)
+    lo, hi = order_stat(below), order_stat(min(below + 1, n - 1))
+    return torch.lerp(lo, hi, torch.full_like(lo, weight))
 
 
 def rowwise_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:
@@ -64,8 +91,8 @@ def rowwise_quantiles(rows: torch.Tensor, qs: Sequence[float]) -> list[torch.Ten
     selected with ``topk`` instead of sorting whole rows (about 5x faster on a few-million-element tensor).
     """
     n = rows.shape[1]
-    ranks = [torch.tensor(q, dtype=rows.dtype).item() * (n - 1) for q in qs]
-    indices = {i for r in ranks for i in (int(r // 1), min(int(r // 1) + 1, n - 1))}
+    belows = [_rank(q, n, rows.dtype)[0] for q in qs]
+    indices = {i for b in belows for i in (b, min(b + 1, n - 1))}
     k_low = max((i + 1 for i in indices if i < n // 2), default=0)
     k_high = max((n - i for i in indices if i >= n // 2), default=0)
     if 4 * (k_low + k_high) >= n:

@@ -7,21 +7,24 @@ five to ten times a float multiply, and every new large tensor costs page faults
 forward values bit for bit (the same operations in the same order, in place where possible) and the same gradients
 up to float rounding, with masks kept as float 0/1 tensors and each quantizer parameter's gradient reduced once:
 
-    uniform:  r = x/s, t = round(r) + z, m = [qmin < t < qmax], c = clamp(t, qmin, qmax) − z, y = c·s
+    uniform:  r = x/s, t = round(r) + z, m = [qmin ≤ t ≤ qmax], c = clamp(t, qmin, qmax) − z, y = c·s
               ∂y/∂x = m,   ∂y/∂s = c − m·r,   ∂y/∂z = −s·(1 − m)
     tangent:  y = expand(clamp(round_ste(compand(clamp(x, 0, 1))), 0, 2^b − 1)) (ptq_bench/quant/tanq.py)
               ∂y/∂x = m₀·m₁·(1 + tan²θ(x)) / (1 + w²), w the arctan argument of x's level
 
-The masks are strict, as torch's ``clamp`` passes no gradient at its bounds; the constant factors of the tangent
-chain cancel. Gradients differ from autograd's in rounding only (autograd forms ∂y/∂x as (g·s)·m / s, for
-example). Tensors saved for backward are contiguous, like the incoming gradient usually is, so the scale's
-gradient is a dot product without copies.
+The masks include the bounds (a value rounded onto qmin or qmax passes its gradient): the subgradient torch's
+``clamp`` had from 2018 (pytorch/pytorch#7049) until PyTorch 2.13, under which every official implementation of
+this lineage was trained; newer torch gives 0 at scalar bounds and splits ties at tensor bounds
+(pytorch/pytorch#191142). Fixing the convention here keeps the learned step sizes independent of the installed
+torch: at the bounds ∂y/∂s is c − r rather than c, which changes the optimisation, not only its rounding (a uniform
+quantizer of 1,632 values, 10% of them on a bound: ∂y/∂s 34 against 156). The constant factors of the tangent chain
+cancel. Gradients differ from the literal expression's (with an inclusive clamp) in rounding only (autograd forms
+∂y/∂x as (g·s)·m / s, for example). Tensors saved for backward are contiguous, like the incoming gradient usually
+is, so the scale's gradient is a dot product without copies.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Optional, Union
 
 import torch
@@ -38,24 +41,10 @@ def _reusable(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else _new(t)
 
 
-@functools.lru_cache(maxsize=256)
-def _next_float(value: float, direction: float, dtype: torch.dtype) -> float:
-    return torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(direction, dtype=dtype)).item()
-
-
-def _step_inside(bound: Bound, direction: float, dtype: torch.dtype) -> Bound:
-    """The next representable value after ``bound`` (in ``dtype``) towards ``direction``."""
-    if isinstance(bound, torch.Tensor):
-        return torch.nextafter(bound.to(dtype), torch.full_like(bound, direction, dtype=dtype))
-    return _next_float(float(bound), direction, dtype)
-
-
-def _strict_mask_(t: torch.Tensor, clamped: torch.Tensor, low: Bound, high: Bound) -> torch.Tensor:
-    """[low < t < high] as a 0/1 tensor of t's dtype, given ``clamped`` = clamp(t, low, high): t clamped in place to
-    the open interval still equals ``clamped`` exactly where t lies inside it. Overwrites t where t is contiguous,
-    else returns a new contiguous tensor."""
-    inside = t.clamp_(_step_inside(low, math.inf, t.dtype), _step_inside(high, -math.inf, t.dtype))
-    return torch.eq(inside, clamped, out=_reusable(t))
+def _inside_mask(t: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    """[low ≤ t ≤ high] as a 0/1 tensor of t's dtype, given ``clamped`` = clamp(t, low, high): exactly where clamping
+    left t unchanged. Overwrites t where t is contiguous, else returns a new contiguous tensor."""
+    return torch.eq(t, clamped, out=_reusable(t))
 
 
 def _dot_to(values: torch.Tensor, other: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,7 +78,7 @@ class _UniformSTE(torch.autograd.Function):
         else:  # (qmin − z, qmax − z), exact for this zero point (uniform.shifted_clamp_bounds)
             shifted = True
         c = torch.clamp(t, low, high, out=torch.empty_like(t))
-        mask = _strict_mask_(t, c, low, high)
+        mask = _inside_mask(t, c)
         del t
         if not shifted:
             c.sub_(zero_point)
@@ -135,14 +124,13 @@ class _TangentSTE(torch.autograd.Function):
         t0, t1 = torch.tan(theta0), torch.tan(theta1)
         clamped = torch.clamp(x, 0.0, 1.0, out=torch.empty_like(x))
         mask = None
-        if ctx.needs_input_grad[0]:  # [0 < x < 1], as _strict_mask_ but into a new tensor (x stays)
-            mask = torch.clamp(x, _step_inside(0.0, math.inf, x.dtype), _step_inside(1.0, -math.inf, x.dtype), out=_new(x))
-            torch.eq(mask, clamped, out=mask)
+        if ctx.needs_input_grad[0]:  # [0 ≤ x ≤ 1], into a new tensor (x stays)
+            mask = torch.eq(x, clamped, out=_new(x))
         tangent = torch.mul(theta1 - theta0, clamped, out=clamped).add_(theta0).tan_()  # tan θ(x)
         u = torch.sub(tangent, t0, out=torch.empty_like(tangent)).div_(t1 - t0).mul_(qmax).round_()
         q = torch.clamp(u, 0, qmax, out=torch.empty_like(u))
         if mask is not None:
-            mask.mul_(_strict_mask_(u, q, 0, qmax))
+            mask.mul_(_inside_mask(u, q))
         w = q.div_(qmax).mul_(t1 - t0).add_(t0)  # t0 + (q / qmax)·(t1 − t0)
         y = torch.atan(w, out=u if u.is_contiguous() else torch.empty_like(w)).sub_(theta0).div_(theta1 - theta0)
         if mask is not None:  # (1 + tan²θ(x)) / (1 + w²), masked
