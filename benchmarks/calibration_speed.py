@@ -166,9 +166,9 @@ def main() -> None:
             line += f" | ratio (wall) {ours_wall / off_wall:.3f}"
         rows.append(row)
         print(line, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "threads": args.threads, "calib_size": args.calib_size,
-                                         "target": TARGET_RATIO, "rows": rows}, indent=1))
+        if args.json:  # after every model: a run stopped at its time limit keeps what it measured
+            args.json.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "threads": args.threads,
+                                             "calib_size": args.calib_size, "target": TARGET_RATIO, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

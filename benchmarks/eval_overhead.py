@@ -205,6 +205,9 @@ def main() -> None:
             for threads in args.threads:
                 r = measure(fp, quantized, batch, threads, args.repeats, args.warmup, device, args.compile)
                 rows.append({"model": short, "method": method, "bits": bits.label, "batch_size": args.batch_size, **r})
+                if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+                    args.json.write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__,
+                                                     "device": args.device, "target": TARGET, "rows": rows}, indent=1))
 
                 keys = ["quant/fp_fused", "quant/fp_explicit", "fp_explicit/fp_fused", "quant_off/fp_fused"]
                 cells = " | ".join(cell(r, key) for key in keys + ["quant_compiled/fp_fused", "quant_compiled/fp_compiled"] * args.compile)
@@ -212,9 +215,6 @@ def main() -> None:
                     cells += f" | {r['fp_compiled_compile_s']:.0f}, {r['quant_compiled_compile_s']:.0f}"
                 print(f"| {short} | {method} | {threads} | {r['fp_fused_s']:.3f} [{r['fp_fused_wall_s']:.3f}] | {cells} |", flush=True)
             del quantized
-    if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "device": args.device,
-                                         "target": TARGET, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -199,6 +199,13 @@ def official_medians(ref: dict[str, Any], warmup: int) -> dict[str, float]:
     return {stage: statistics.median(ref[f"stage{stage}_iter_{ref.get('clock', 'cpu')}_s"][warmup:]) for stage in ref["stages"]}
 
 
+def header(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON output: the settings and the rows measured so far."""
+    bits = BitWidth(*map(int, args.bits.split(",")))
+    return {"torch": torch.__version__, "device": args.device, "threads": args.threads, "bits": bits.label,
+            "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["deit_tiny", "mnist_vit"], choices=[*TIMM_NAMES, "mnist_vit"])
@@ -241,6 +248,8 @@ def main() -> None:
                         continue
                     s = summary(per_block, args.warmup, cpu=device.type == "cpu")
                     rows.append({"round": round_, "model": model_name, "loop": name, "blocks": len(per_block), **s})
+                    if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+                        args.json.write_text(json.dumps(header(args, rows), indent=1))
                     print(f"| {round_} | {model_name} | {name} | {len(per_block)} | {s['it_per_s']:.1f} | "
                           f"{s['median_s'] * 1e3:.1f} | {s['iqr_rel']:.0%} | {s['mean_s'] * 1e3:.1f} | {s['wall_it_per_s']:.1f} |",
                           flush=True)
@@ -252,9 +261,7 @@ def main() -> None:
             for stage, median in medians.items():
                 print(f"| {round_} | deit_tiny | official I&S-ViT stage {stage} | 1 | {1 / median:.1f} | {median * 1e3:.1f} | | | |",
                       flush=True)
-    result: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "threads": args.threads, "bits": bits.label,
-                              "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds,
-                              "rows": rows}
+    result = header(args, rows)
     if references:
         ref = references[0]
         print(f"\nours / official I&S-ViT ({ref['peer']} @ {ref['commit'][:7]}, timm {ref['timm']}) per iteration, deit_tiny "
