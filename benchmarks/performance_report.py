@@ -366,11 +366,12 @@ SAME_BLOCKS = {"vit_small": ("deit_small", 1.0), "vit_base": ("deit_base", 1.0),
                "swin_base": ("swin_tiny", (128 / 96) ** 2)}
 
 
-def gpu_run_costs(gpu: Path) -> dict[str, dict[str, float]]:
-    """GPU hours per run of each method on each model, from a gpu_check.sh folder (measured per model where it can be)."""
+def gpu_run_costs(gpu: Path) -> Optional[dict[str, dict[str, float]]]:
+    """GPU hours per run of each method on each model, from a gpu_check.sh folder (measured per model where it can
+    be); None when the folder lacks the eval, reconstruction or calibration measurements."""
     eval_data, recon, calib, ptq4vit = load(gpu, "eval"), load(gpu, "recon"), load(gpu, "calib"), load(gpu, "calib_ptq4vit")
     if not (eval_data and recon and calib):
-        raise SystemExit(f"error: {gpu} lacks eval.json, recon.json or calib.json (benchmarks/gpu_check.sh bench writes them)")
+        return None
     fp_img: dict[str, float] = {}
     q_img: dict[str, float] = {}
     for r in eval_data["rows"]:
@@ -406,7 +407,10 @@ def gpu_run_costs(gpu: Path) -> dict[str, dict[str, float]]:
     return costs
 
 
-def gpu_cost_table(costs: dict[str, dict[str, float]], gpu_name: str) -> str:
+def gpu_cost_table(costs: Optional[dict[str, dict[str, float]]], gpu_name: str) -> str:
+    if costs is None:
+        return ("Not computed: the GPU folder lacks the evaluation (eval.json) or reconstruction (recon.json) "
+                "measurements that the cost is made of (`benchmarks/gpu_check.sh eval recon calib`).")
     lines = ["| table | runs | GPU hours, all runs | of which the paper's own method | longest run (h) | wall on 1 GPU "
              "| wall on 8 GPUs (8 runs at a time) |", "|---|---|---|---|---|---|---|"]
     for name, spec in TABLES.items():
