@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -49,11 +50,19 @@ def check_experiments(args: list[str]) -> None:
         sys.exit(2)
 
 
+def gpu_slot(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[int]:
+    """The job number when this job runs beside others on one machine (Hydra's joblib launcher) and is not itself
+    distributed: ``device=auto`` then spreads the jobs over the machine's GPUs (harness.resolve_device)."""
+    parallel = str(hydra_cfg.launcher.get("_target_", "")).endswith("JoblibLauncher")
+    distributed = str(cfg.task.get("launcher", "none")) != "none"
+    return int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN and parallel and not distributed else None
+
+
 def execute(cfg: DictConfig) -> dict:
     from ptq_bench.harness import run
 
     hydra_cfg = HydraConfig.get()
-    record = run(cfg, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
+    record = run(cfg, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), gpu_slot(cfg, hydra_cfg))
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_keys = Path(hydra_cfg.sweep.dir) / "run_keys.txt"
         with open(sweep_keys, "a") as handle:  # one short line per job: appends do not interleave

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -50,10 +50,15 @@ class RunSettings:
     eval_compile: bool
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: cuda when available, else cpu; a named device must exist."""
+def resolve_device(name: str, gpu_slot: Optional[int] = None) -> torch.device:
+    """``auto``: cuda when available, else cpu; with ``gpu_slot`` (a job of a parallel sweep on one machine) and
+    several GPUs, GPU ``gpu_slot`` mod their number, so that parallel jobs do not share one. A named device must
+    exist."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", gpu_slot % count) if gpu_slot is not None and count > 1 else torch.device("cuda")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -63,14 +68,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def read_settings(cfg: DictConfig, method_uses_calibration: bool) -> RunSettings:
-    """The run-wide settings, each checked by type and range (one line naming the key otherwise)."""
+def read_settings(cfg: DictConfig, method_uses_calibration: bool, gpu_slot: Optional[int] = None) -> RunSettings:
+    """The run-wide settings, each checked by type and range (one line naming the key otherwise); ``gpu_slot`` as
+    :func:`resolve_device` takes it."""
     bits = BitWidth(_bits(cfg.bits.w, "bits.w"), _bits(cfg.bits.a, "bits.a"))
     calib = cfg.method.get("calib_size", 0)
     return RunSettings(
         bits=bits,
         seed=integer(cfg.seed, "seed", 0),
-        device=resolve_device(str(cfg.device)),
+        device=resolve_device(str(cfg.device), gpu_slot),
         calib_size=integer(calib, "method.calib_size", 1) if method_uses_calibration else 0,
         progress=boolean(cfg.task.progress, "task.progress"),
         force=boolean(cfg.force, "force"),
@@ -129,9 +135,10 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
     }
 
 
-def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optional[int] = None) -> dict[str, Any]:
     """Quantize and evaluate one run; returns its record (the stored one when the run already has a record; on a
-    rank other than 0 of a distributed run, the record unwritten)."""
+    rank other than 0 of a distributed run, the record unwritten). ``gpu_slot``: this job's number in a sweep whose
+    jobs run in parallel on one machine (:func:`resolve_device`)."""
     from tasks import TASKS
 
     cfg, protocol = apply_protocol(cfg)  # per-method options, budget caps, checkpoint folder, paper-table cells
@@ -139,7 +146,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path) -> dict[str, An
         log.info("%s", protocol.skip)
         return {"run_key": "", "skipped": protocol.skip}
     task_cls = TASKS.get(str(cfg.task.name))
-    settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration)
+    settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration, gpu_slot)
     if settings.eval_compile and not task_cls.compilable:
         raise ConfigError(f"eval_compile=true: task {task_cls.name} does not call its model as model(batch); leave eval_compile off")
     method = build_method(cfg.method, settings.bits, seed=settings.seed, progress=settings.progress)
