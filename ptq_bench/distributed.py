@@ -3,12 +3,17 @@ its share of the images, but one run has one record and one wandb run, so only r
 
 from __future__ import annotations
 
+import os
+
 import torch.distributed as dist
 
 
 def rank() -> int:
-    """This process's rank in the default process group; 0 when there is none (a single-process run)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank in the default process group; without one, the launcher's ``RANK`` (torchrun sets it
+    also for a task that evaluates on every rank without a group); 0 in a single-process run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def is_main_process() -> bool:

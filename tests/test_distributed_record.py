@@ -32,6 +32,14 @@ def test_only_rank_zero_writes_and_logs(tmp_path, monkeypatch, rank, records):
     assert len(logged) == records
 
 
+def test_rank_without_a_group_is_the_launchers(monkeypatch):
+    """torchrun sets RANK in every process, also for a task that sets up no process group."""
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.rank() == 1 and not distributed.is_main_process()
+    monkeypatch.delenv("RANK")
+    assert distributed.rank() == 0
+
+
 def test_rank_of_a_process_group(tmp_path):
     assert distributed.rank() == 0 and not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
