@@ -12,6 +12,7 @@ Each run goes through the one harness (ptq_bench/harness.py) and writes one reco
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,6 +49,24 @@ def check_experiments(args: list[str]) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_group_choices(args: list[str]) -> None:
+    """``model=<name>`` and the other config groups of conf/config.yaml's defaults (a sweep: names joined by commas):
+    an unknown name is one error line listing conf/<group>/, before Hydra composes (its own error spans a dozen
+    lines). Hydra's sweep functions (glob, choice, range) stay Hydra's."""
+    groups = {key for entry in OmegaConf.load(REPO / "conf" / "config.yaml").defaults if isinstance(entry, DictConfig)
+              for key in entry}
+    for arg in args:
+        group, sep, value = arg.lstrip("+~").partition("=")
+        names = value.split(",")
+        if not sep or group not in groups or not all(re.fullmatch(r"[\w.-]+", name) for name in names):
+            continue
+        known = sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))
+        for name in names:
+            if name not in known:
+                print(f"error: unknown {group} '{name}' (known: {', '.join(known)})", file=sys.stderr)
+                sys.exit(2)
 
 
 def gpu_slot(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[int]:
@@ -90,4 +109,5 @@ if __name__ == "__main__":
         sys.argv.extend(DEMO_ARGS)
     sys.argv[1:] = [expand_home(arg) for arg in sys.argv[1:]]
     check_experiments(sys.argv[1:])
+    check_group_choices(sys.argv[1:])
     main()

@@ -87,3 +87,15 @@ def test_unknown_experiment_is_one_line_before_any_work(tmp_path, arg, phrase):
     assert_clean_error(result, phrase)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert not any(tmp_path.iterdir())  # no Hydra output folder, no results folder
+
+
+@pytest.mark.parametrize("arg, phrase", [
+    ("model=not_a_model", "unknown model 'not_a_model' (known: cascade_mask_rcnn_swin_s, "),
+    ("method=fp,magic", "unknown method 'magic' (known: aiqvit, base_ptq, dopq_vit, fp, "),
+    ("bits=w5a5", "unknown bits 'w5a5' (known: "),
+])
+def test_unknown_config_choice_is_one_line_before_any_work(tmp_path, arg, phrase):
+    result = run_cli("-m", arg, f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert_clean_error(result, phrase)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not any(tmp_path.iterdir())
