@@ -54,12 +54,18 @@ def check_experiments(args: list[str]) -> None:
 def check_group_choices(args: list[str]) -> None:
     """``model=<name>`` and the other config groups of conf/config.yaml's defaults (a sweep: names joined by commas):
     an unknown name is one error line listing conf/<group>/, before Hydra composes (its own error spans a dozen
-    lines). Hydra's sweep functions (glob, choice, range) stay Hydra's."""
-    groups = {key for entry in OmegaConf.load(REPO / "conf" / "config.yaml").defaults if isinstance(entry, DictConfig)
-              for key in entry}
+    lines); Hydra's sweep functions (glob, choice, range) stay Hydra's. A key added with ``+`` must start with a
+    top-level key of the config: Hydra would add a misspelt one (``+experiments=``, ``+methd.iters=``) silently."""
+    primary = OmegaConf.load(REPO / "conf" / "config.yaml")
+    groups = {key for entry in primary.defaults if isinstance(entry, DictConfig) for key in entry}
+    top_level = groups | {key for key in primary if key != "defaults"} | {"experiment", "hydra"}
     for arg in args:
-        group, sep, value = arg.lstrip("+~").partition("=")
-        names = value.split(",")
+        key, sep, value = arg.lstrip("~").partition("=")
+        if sep and key.startswith("+") and key.lstrip("+").split(".")[0] not in top_level:
+            print(f"error: {arg}: unknown config key '{key.lstrip('+').split('.')[0]}' (top-level keys: "
+                  f"{', '.join(sorted(top_level))})", file=sys.stderr)
+            sys.exit(2)
+        group, names = key.lstrip("+"), value.split(",")
         if not sep or group not in groups or not all(re.fullmatch(r"[\w.-]+", name) for name in names):
             continue
         known = sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))

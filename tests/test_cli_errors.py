@@ -27,7 +27,7 @@ def folder_args(root: Path, tmp_path: Path) -> list[str]:
 
 
 def test_unknown_model_config(tmp_path):
-    assert_clean_error(run_cli("model=not_a_model", f"results_dir={tmp_path}"), "model/not_a_model")
+    assert_clean_error(run_cli("model=not_a_model", f"results_dir={tmp_path}"), "unknown model 'not_a_model'")
 
 
 def test_unknown_timm_architecture(tmp_path, image_folder_root):
@@ -36,7 +36,7 @@ def test_unknown_timm_architecture(tmp_path, image_folder_root):
 
 
 def test_unknown_method_name(tmp_path):
-    assert_clean_error(run_cli("method=magic", f"results_dir={tmp_path}"), "method/magic")
+    assert_clean_error(run_cli("method=magic", f"results_dir={tmp_path}"), "unknown method 'magic'")
     assert_clean_error(run_cli("method.name=magic", f"results_dir={tmp_path}", *FAST), "unknown method 'magic'")
 
 
@@ -93,6 +93,8 @@ def test_unknown_experiment_is_one_line_before_any_work(tmp_path, arg, phrase):
     ("model=not_a_model", "unknown model 'not_a_model' (known: cascade_mask_rcnn_swin_s, "),
     ("method=fp,magic", "unknown method 'magic' (known: aiqvit, base_ptq, dopq_vit, fp, "),
     ("bits=w5a5", "unknown bits 'w5a5' (known: "),
+    ("+experiments=demo_table", "unknown config key 'experiments' (top-level keys: "),
+    ("+methd.iters=3", "unknown config key 'methd'"),
 ])
 def test_unknown_config_choice_is_one_line_before_any_work(tmp_path, arg, phrase):
     result = run_cli("-m", arg, f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
