@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, BitWidth, Method
-from ptq_bench.methods.options import runtime, runtime_fields
+from ptq_bench.methods.options import identity_options, keyed_when_on, runtime
 from ptq_bench.models import QuantSite, calibrating, find_blocks, prepare_
 from ptq_bench.models.build import parameters_sha256
 from ptq_bench.quant import Quantizer, UniformQuantizer
@@ -44,11 +44,13 @@ from ptq_bench.transforms.lowrank import (
 )
 from ptq_bench.transforms.reconstruction import (
     BlockStateStore,
+    CompiledLoss,
     Curriculum,
     ReconStep,
     block_outputs,
     capture_block_inputs,
     clamp_scales_,
+    compiled_losses,
     evaluate_losses,
     learnable_scales,
     reconstruct_block,
@@ -98,6 +100,7 @@ class AIQViTOptions:
     act_observer: str
     patch_embed_input_bits: Optional[int]
     init_size: int
+    compile: bool = keyed_when_on()  # each training step's forward and loss through torch.compile
     state_dir: Optional[str] = runtime()  # per-block checkpoints for resuming
 
     def __post_init__(self) -> None:
@@ -118,8 +121,9 @@ class AIQViTOptions:
                 raise ConfigError(f"aiqvit {key} must be >= 1")
 
     def fingerprint(self, bits: BitWidth, seed: int) -> dict[str, Any]:
-        """What determines a block's result (for resume checks): everything but runtime options."""
-        values = {k: v for k, v in asdict(self).items() if k not in runtime_fields(AIQViTOptions)}
+        """What determines a block's result (for resume checks): everything but runtime options (and ``compile``
+        while off, as in the run key: block files saved before the option existed stay valid)."""
+        values = identity_options(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()} | {"bits": [bits.w, bits.a], "seed": seed}
 
 
@@ -130,6 +134,7 @@ class AIQViT(Method):
 
     def __init__(self, bits: BitWidth, options: AIQViTOptions, seed: int = 0, progress: bool = False) -> None:
         super().__init__(bits, options, seed, progress)
+        self._compiled: Optional[CompiledLoss] = None  # the compiled training step while reconstructing (compile)
         self.ranks: dict[str, int] = {}  # chosen rank per linear layer
         self.block_errors: dict[str, tuple[float, float]] = {}  # block → (MSE before, MSE after)
 
@@ -193,26 +198,28 @@ class AIQViT(Method):
         blocks = find_blocks(model)
         store = None if cfg.state_dir is None else BlockStateStore(cfg.state_dir, self._fingerprint(fp_model, data))
         bar = tqdm(blocks, desc="AIQViT blocks", disable=not self.progress)
-        for index, (name, block) in enumerate(bar):
-            if store is not None and store.has(name):
-                self._restore_block(store, name, block)
-                continue
-            fp_in = capture_block_inputs(fp_model, fp_blocks[name], data, cfg.batch_size)
-            target = block_outputs(fp_blocks[name], fp_in, cfg.batch_size)
-            inputs = fp_in if cfg.input_source == "fp" else capture_block_inputs(model, block, data, cfg.batch_size)
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            everything = torch.arange(inputs.shape[0], device=inputs.device)
-            before = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
-            ranks = self._optimize_block(name, block, inputs, target, generator)
-            after = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
-            if cfg.lowrank and cfg.placement == "merged":
-                for _, layer in list(lowrank_layers(block)):
-                    fold_lowrank_(layer)
-            self.ranks.update(ranks)
-            self.block_errors[name] = (before, after)
-            log.info("AIQViT %s: block MSE %.4g -> %.4g, ranks %s", name, before, after, ranks)
-            if store is not None:
-                store.save(name, block, {"ranks": ranks, "errors": [before, after]})
+        with compiled_losses(cfg.compile, "AIQViT reconstruction") as self._compiled:
+            for index, (name, block) in enumerate(bar):
+                if store is not None and store.has(name):
+                    self._restore_block(store, name, block)
+                    continue
+                fp_in = capture_block_inputs(fp_model, fp_blocks[name], data, cfg.batch_size)
+                target = block_outputs(fp_blocks[name], fp_in, cfg.batch_size)
+                inputs = fp_in if cfg.input_source == "fp" else capture_block_inputs(model, block, data, cfg.batch_size)
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+                everything = torch.arange(inputs.shape[0], device=inputs.device)
+                before = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
+                ranks = self._optimize_block(name, block, inputs, target, generator)
+                after = evaluate_losses(block, inputs, target, everything, cfg.batch_size, "mse").mean().item()
+                if cfg.lowrank and cfg.placement == "merged":
+                    for _, layer in list(lowrank_layers(block)):
+                        fold_lowrank_(layer)
+                self.ranks.update(ranks)
+                self.block_errors[name] = (before, after)
+                log.info("AIQViT %s: block MSE %.4g -> %.4g, ranks %s", name, before, after, ranks)
+                if store is not None:
+                    store.save(name, block, {"ranks": ranks, "errors": [before, after]})
+        self._compiled = None
 
     def _fingerprint(self, fp_model: nn.Module, data: CalibrationData) -> dict[str, Any]:
         return self.options.fingerprint(self.bits, self.seed) | {
@@ -274,7 +281,7 @@ class AIQViT(Method):
             )
             reconstruct_block(
                 block, inputs, target, [step], cfg.iters, cfg.batch_size, generator, cfg.loss,
-                desc=f"reconstruct {name}", progress=self.progress,
+                desc=f"reconstruct {name}", progress=self.progress, compile=self._compiled,
             )  # fmt: skip
             for p in params:
                 p.requires_grad_(False)
@@ -329,7 +336,7 @@ class AIQViT(Method):
             branch.train()  # drop-path on; the rest of the block stays in eval mode
         reconstruct_block(
             block, inputs, target, steps, cfg.search_iters, cfg.batch_size, generator, cfg.loss,
-            desc=f"rank search {name}", progress=self.progress,
+            desc=f"rank search {name}", progress=self.progress, compile=self._compiled,
         )  # fmt: skip
         for branch in branches:
             branch.eval()

@@ -10,7 +10,6 @@ needs (:meth:`Method.check`); hands it the FP model and the task's calibration d
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -20,7 +19,7 @@ from torch import nn
 from ptq_bench.architectures import require
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
-from ptq_bench.methods.options import HARNESS_KEYS, method_defaults, parse_options, runtime_fields
+from ptq_bench.methods.options import HARNESS_KEYS, identity_options, method_defaults, parse_options
 from ptq_bench.quant.base import validate_bits
 from ptq_bench.registry import Registry
 
@@ -95,9 +94,9 @@ class Method(ABC):
         """The recipe (after the architecture check)."""
 
     def identity(self) -> dict[str, Any]:
-        """The options that determine the result (runtime options left out), for run keys and labels."""
-        skip = runtime_fields(self.Options)
-        return {k: v for k, v in dataclasses.asdict(self.options).items() if k not in skip}
+        """The options that determine the result (runtime options, and switches while off, left out), for run keys
+        and labels (:func:`ptq_bench.methods.options.identity_options`)."""
+        return identity_options(self.options)
 
 
 METHODS: Registry[type[Method]] = Registry("method")

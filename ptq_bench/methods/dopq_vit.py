@@ -25,6 +25,7 @@ from torch import nn
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, BitWidth, Method
+from ptq_bench.methods.options import keyed_when_on
 from ptq_bench.methods.repq_vit import repq_quantizer
 from ptq_bench.models import QuantSite, calibrating, find_blocks, prepare_, set_quantizers_enabled
 from ptq_bench.quant import Quantizer, UniformQuantizer
@@ -33,7 +34,13 @@ from ptq_bench.quant.registry import check_post_softmax
 from ptq_bench.quant.tanq import TanQuantizer
 from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.mosf import mosf_reparameterize_
-from ptq_bench.transforms.reconstruction import ReconStep, block_outputs, capture_block_inputs, reconstruct_block
+from ptq_bench.transforms.reconstruction import (
+    ReconStep,
+    block_outputs,
+    capture_block_inputs,
+    compiled_losses,
+    reconstruct_block,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class DopQViTOptions:
     iters: int
     batch_size: int
     lr: float
+    compile: bool = keyed_when_on()  # each training step's forward and loss through torch.compile
 
     def __post_init__(self) -> None:
         if self.init_calib_size < 1 or self.iters < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -96,20 +104,24 @@ class DopQViT(Method):
         return model
 
     def reconstruct_(self, model: nn.Module, data: CalibrationData) -> None:
-        """Block-wise reconstruction of the uniform quantizers' step sizes, block after block."""
+        """Block-wise reconstruction of the uniform quantizers' step sizes, block after block (``compile``: each
+        training step's forward and loss through torch.compile, one graph shared by the blocks)."""
         o = self.options
         generator = torch.Generator().manual_seed(self.seed)
         blocks = find_blocks(model)
-        for index, (name, block) in enumerate(blocks):
-            set_quantizers_enabled(model, False)  # FP target: FP block on the FP model's block input
-            target = block_outputs(block, capture_block_inputs(model, block, data, o.batch_size), o.batch_size)
-            set_quantizers_enabled(model, True)
-            inputs = capture_block_inputs(model, block, data, o.batch_size)
-            with _learnable_step_sizes(block) as groups:
-                optimizer = torch.optim.Adam([{"params": [s], "lr": o.lr * unit} for s, unit in groups])
-                step = ReconStep(optimizer, torch.arange(len(data)), before=lambda: _keep_positive(groups))
-                desc = f"dopq recon {index + 1}/{len(blocks)} {name}"
-                reconstruct_block(block, inputs, target, [step], o.iters, o.batch_size, generator, desc=desc, progress=self.progress)
+        with compiled_losses(o.compile, "DopQ-ViT reconstruction") as compiled:
+            for index, (name, block) in enumerate(blocks):
+                set_quantizers_enabled(model, False)  # FP target: FP block on the FP model's block input
+                target = block_outputs(block, capture_block_inputs(model, block, data, o.batch_size), o.batch_size)
+                set_quantizers_enabled(model, True)
+                inputs = capture_block_inputs(model, block, data, o.batch_size)
+                with _learnable_step_sizes(block) as groups:
+                    optimizer = torch.optim.Adam([{"params": [s], "lr": o.lr * unit} for s, unit in groups])
+                    step = ReconStep(optimizer, torch.arange(len(data)), before=lambda: _keep_positive(groups))
+                    reconstruct_block(
+                        block, inputs, target, [step], o.iters, o.batch_size, generator,
+                        desc=f"dopq recon {index + 1}/{len(blocks)} {name}", progress=self.progress, compile=compiled,
+                    )  # fmt: skip
 
 
 def _keep_positive(groups: list[tuple[torch.Tensor, float]]) -> None:

@@ -3,7 +3,9 @@
 An options class has no defaults, so code and config cannot drift: :func:`parse_options` builds it from the
 method's config, refusing unknown and missing keys and values of the wrong type (``2.7`` for an int, ``"maybe"``
 for a bool) in one line naming the key. A field with ``metadata={"runtime": True}`` (see :func:`runtime`) changes
-how a run goes, never its result (memory budgets, resume folders): it is left out of run keys and table labels.
+how a run goes, never its result (memory budgets, resume folders): it is left out of run keys and table labels. A
+boolean switch added after records existed, off by default, is declared with :func:`keyed_when_on`: it enters the
+identity only when on, so the keys of earlier runs (made with it off) stay valid.
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ def runtime() -> Any:
 
 def runtime_fields(options_cls: type) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(options_cls) if f.metadata.get("runtime"))
+
+
+def keyed_when_on() -> Any:
+    """A boolean field that changes results but enters the identity only when true (no default: the YAML's)."""
+    return dataclasses.field(metadata={"keyed_when_on": True})
+
+
+def identity_options(options: Any) -> dict[str, Any]:
+    """The options that determine a result: runtime fields left out, and :func:`keyed_when_on` fields while off."""
+    return {
+        f.name: getattr(options, f.name)
+        for f in dataclasses.fields(options)
+        if not f.metadata.get("runtime") and not (f.metadata.get("keyed_when_on") and getattr(options, f.name) is False)
+    }
 
 
 def method_defaults(name: str) -> dict[str, Any]:

@@ -21,6 +21,12 @@ quantizer of 1,632 values, 10% of them on a bound: ∂y/∂s 34 against 156). Th
 cancel. Gradients differ from the literal expression's (with an inclusive clamp) in rounding only (autograd forms
 ∂y/∂x as (g·s)·m / s, for example). Tensors saved for backward are contiguous, like the incoming gradient usually
 is, so the scale's gradient is a dot product without copies.
+
+Compiled reconstruction (``compile: true``, :func:`ptq_bench.transforms.reconstruction.reconstruct_block`) traces
+the same two functions in a functional form (``_UniformSTEGraph``, ``_TangentSTEGraph``: no ``out=``, no in-place
+operations, which dynamo cannot trace, and always the literal clamp, since the shifted bounds are proven with a
+data-dependent check): the same operations on the same values, the same masks and closed-form gradients, for
+AOTAutograd to trace forward and backward and inductor to fuse.
 """
 
 from __future__ import annotations
@@ -113,8 +119,32 @@ def uniform_ste(
     ``bounds`` = (qmin − z, qmax − z) where the shifted clamp is exact for z (the four-pass form of
     :meth:`UniformQuantizer.quantize`), None for the literal form. ``scale`` and ``zero_point`` broadcast against
     ``x`` without enlarging it."""
+    if torch.compiler.is_compiling():
+        return _UniformSTEGraph.apply(x, scale, zero_point, qmin, qmax)  # the literal form (the same values)
     low, high = bounds if bounds is not None else (None, None)
     return _UniformSTE.apply(x, scale, zero_point, qmin, qmax, low, high)
+
+
+class _UniformSTEGraph(torch.autograd.Function):
+    """:class:`_UniformSTE` in functional form (literal clamp) for a compiled graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
+        r = x / scale
+        t = torch.round(r) + zero_point
+        c = torch.clamp(t, qmin, qmax)
+        mask = torch.eq(t, c).to(x.dtype)
+        c = c - zero_point
+        ctx.save_for_backward(mask, c - mask * r, scale, zero_point)
+        return c * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        mask, d, scale, zero_point = ctx.saved_tensors
+        grad_x = grad * mask
+        grad_s = (grad * d).sum_to_size(scale.shape).to(scale.dtype)
+        grad_z = ((grad - grad_x).sum_to_size(zero_point.shape) * -scale).to(zero_point.dtype)
+        return grad_x, grad_s, grad_z, None, None
 
 
 class _TangentSTE(torch.autograd.Function):
@@ -146,4 +176,27 @@ class _TangentSTE(torch.autograd.Function):
 
 def tangent_ste(x: torch.Tensor, theta0: torch.Tensor, theta1: torch.Tensor, bits: int) -> torch.Tensor:
     """``tanq.tan_fake_quant(x, θ0, θ1, bits)`` as one autograd node (gradient for x only; θ fixed)."""
+    if torch.compiler.is_compiling():
+        return _TangentSTEGraph.apply(x, theta0, theta1, 2**bits - 1)
     return _TangentSTE.apply(x, theta0, theta1, 2**bits - 1)
+
+
+class _TangentSTEGraph(torch.autograd.Function):
+    """:class:`_TangentSTE` in functional form for a compiled graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, theta0: torch.Tensor, theta1: torch.Tensor, qmax: int) -> torch.Tensor:  # type: ignore[override]
+        t0, t1 = torch.tan(theta0), torch.tan(theta1)
+        clamped = torch.clamp(x, 0.0, 1.0)
+        tangent = torch.tan((theta1 - theta0) * clamped + theta0)
+        u = torch.round((tangent - t0) / (t1 - t0) * qmax)
+        q = torch.clamp(u, 0, qmax)
+        w = q / qmax * (t1 - t0) + t0
+        mask = torch.eq(x, clamped).to(x.dtype) * torch.eq(u, q).to(x.dtype)
+        ctx.save_for_backward(mask * (tangent * tangent + 1) / (w * w + 1))
+        return (torch.atan(w) - theta0) / (theta1 - theta0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None, None, None

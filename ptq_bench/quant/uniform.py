@@ -122,8 +122,9 @@ class UniformQuantizer(Quantizer):
             if zero_point.requires_grad:
                 q = torch.clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax)
                 return (q - zero_point) * scale
-            # the same values as the literal expression above, one autograd node (ptq_bench/quant/ste.py)
-            bounds = self._shifted_bounds(zero_point, torch.result_type(x, scale))
+            # the same values as the literal expression above, one autograd node (ptq_bench/quant/ste.py); a
+            # compiled graph takes the literal clamp (the shifted bounds are proven by a data-dependent check)
+            bounds = None if torch.compiler.is_compiling() else self._shifted_bounds(zero_point, torch.result_type(x, scale))
             return uniform_ste(x, scale, zero_point, self.qmin, self.qmax, bounds)
         if torch.compiler.is_compiling():  # the literal expression: inductor fuses it into one kernel
             return (torch.clamp(torch.round(x / scale) + zero_point, self.qmin, self.qmax) - zero_point) * scale

@@ -10,12 +10,22 @@ arguments, such as mmdet Swin's ``hw_shape``, on samples of different shapes giv
 Curriculum learning (AIQViT Eq. 16-17): at iteration t only the λ(t)·|D| samples with the smallest current
 per-sample loss are used, λ(t) = min(1, λ0 + (1 − λ0)·t/T). The paper does not say how often the samples are
 re-ranked; here every ``rerank_every`` iterations.
+
+Compiled training step (``compile=True``, the methods' ``compile`` option): the block's forward and loss of each
+training iteration run through ``torch.compile`` (:class:`CompiledLoss`; the backward through AOTAutograd), so
+inductor fuses the chains of fake quantizers forward and backward (ptq_bench/quant/ste.py's functional forms). The
+batch draw, the curriculum re-ranking, the optimizer step and the ``before``/``after`` hooks stay eager, so the
+batches are those of the eager loop. The graph is captured whole (``fullgraph``: a graph break is an error, never an
+eager fallback) and static in shape, one per block structure and batch size: blocks of one model share it (the block
+is an argument of the compiled function, not a constant of it), and passing the recompile limit is an error too.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +40,8 @@ from ptq_bench.errors import ConfigError
 from ptq_bench.quant.base import Quantizer
 
 Loss = Literal["mse", "fro"]
+
+log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -136,6 +148,62 @@ def block_outputs(block: nn.Module, inputs: Samples, batch_size: int) -> Samples
     if isinstance(inputs, torch.Tensor):
         return torch.cat(chunks)  # type: ignore[arg-type]
     return BlockInputs([t for c in chunks for t in c.tensors], [e for c in chunks for e in c.extras])  # type: ignore[union-attr]
+
+
+def _mean_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """Mean per-sample loss of ``block`` on a batch (the function :class:`CompiledLoss` compiles)."""
+    return sample_losses(block(x), target, loss).mean()
+
+
+#: Most graphs one compiled training step may hold (block structures × batch sizes) before it is an error.
+RECOMPILE_LIMIT = 64
+
+
+class CompiledLoss:
+    """``batch_losses(block, x, target, loss).mean()`` through ``torch.compile`` (inductor, whole graph, static shapes).
+
+    The block is an argument of the compiled function, so blocks of one structure (every block of a ViT, with the
+    same quantizer shapes) share one graph, and each new structure or batch size compiles its own. ``graphs`` counts
+    the graphs compiled and ``compile_seconds`` the wall time of the calls that compiled one. A graph break raises
+    (``fullgraph=True``), and so does passing :data:`RECOMPILE_LIMIT` graphs: nothing falls back to eager.
+    ``backend``: torch.compile's (tests trace with ``aot_eager``, which runs the captured graphs unfused).
+    """
+
+    def __init__(self, backend: str = "inductor") -> None:
+        self._compiled = torch.compile(_mean_loss, backend=backend, fullgraph=True, dynamic=False)
+        self.graphs = 0
+        self.compile_seconds = 0.0
+
+    def __call__(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return self._compiled(block, x, target, loss)
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        """Count the graphs compiled within, and their time if any: a call and its backward (AOTAutograd compiles
+        the backward graph at the first backward pass)."""
+        from torch._dynamo.utils import counters
+
+        before, start = counters["stats"]["unique_graphs"], time.perf_counter()
+        yield
+        if counters["stats"]["unique_graphs"] != before:
+            self.graphs += counters["stats"]["unique_graphs"] - before
+            self.compile_seconds += time.perf_counter() - start
+
+
+@contextmanager
+def compiled_losses(enabled: bool, what: str = "block reconstruction") -> Iterator[Optional[CompiledLoss]]:
+    """A :class:`CompiledLoss` for the blocks of one model (None when not ``enabled``); on exit the graphs and
+    compile time are logged and dynamo's caches are reset (the compiled code holds the model's blocks)."""
+    if not enabled:
+        yield None
+        return
+    compiled = CompiledLoss()
+    try:
+        yield compiled
+    finally:
+        log.info("%s: %d compiled graph(s), %.1f s compiling", what, compiled.graphs, compiled.compile_seconds)
+        torch._dynamo.reset()
 
 
 def batch_losses(block: nn.Module, inputs: Samples, targets: Samples, loss: Loss) -> torch.Tensor:
@@ -258,15 +326,24 @@ def reconstruct_block(
     loss: Loss = "mse",
     desc: str = "",
     progress: bool = False,
+    compile: Union[bool, CompiledLoss, None] = False,
 ) -> list[float]:
     """Run ``iters`` iterations of every step; returns the training loss of the first step at each iteration.
 
     Train/eval modes are the caller's: only modules meant to be stochastic (e.g. drop-path) should train, so that
     dropout or stochastic depth inside a pretrained block stays off. Small blocks run on one CPU thread
-    (:func:`cpu_threads_for`).
+    (:func:`cpu_threads_for`). ``compile``: the forward and loss of every training step through ``torch.compile``
+    (True, or a :class:`CompiledLoss` shared by the blocks of a model, which counts graphs and compile time); blocks
+    whose inputs are :class:`BlockInputs` (extra arguments, samples of different shapes) are refused.
     """
+    compiled = CompiledLoss() if compile is True else (compile or None)
+    if compiled is not None and not isinstance(inputs, torch.Tensor):
+        raise ConfigError(
+            "compiled block reconstruction (compile: true) supports blocks called with one tensor of equally shaped "
+            f"samples; {type(block).__name__} takes extra arguments or samples of different shapes: set compile: false"
+        )
     with cpu_threads_for(inputs, batch_size):
-        return _reconstruct_block(block, inputs, targets, steps, iters, batch_size, generator, loss, desc, progress)
+        return _reconstruct_block(block, inputs, targets, steps, iters, batch_size, generator, loss, desc, progress, compiled)
 
 
 def _reconstruct_block(
@@ -280,6 +357,7 @@ def _reconstruct_block(
     loss: Loss,
     desc: str,
     progress: bool,
+    compiled: Optional[CompiledLoss] = None,
 ) -> list[float]:
     order: list[Optional[torch.Tensor]] = [None] * len(steps)  # curriculum ranking per step, easiest first
     history: list[float] = []
@@ -296,8 +374,13 @@ def _reconstruct_block(
             if step.before is not None:
                 step.before()
             step.optimizer.zero_grad(set_to_none=True)
-            value = batch_losses(block, inputs[idx], targets[idx], loss).mean()
-            value.backward()
+            if compiled is not None:
+                with compiled.timing():
+                    value = compiled(block, inputs[idx], targets[idx], loss)  # type: ignore[arg-type]
+                    value.backward()
+            else:
+                value = batch_losses(block, inputs[idx], targets[idx], loss).mean()
+                value.backward()
             step.optimizer.step()
             if step.after is not None:
                 step.after()
