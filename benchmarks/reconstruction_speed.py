@@ -14,7 +14,13 @@ reconstruction), ``aiqvit_search`` (AIQViT's rank search: two optimizer steps pe
 reconstruction of branches, DFQ bounds and activation scales with the curriculum).
 
     python benchmarks/reconstruction_speed.py [--models deit_tiny mnist_vit] [--loops dopq aiqvit_search aiqvit]
-        [--iters 30] [--threads 1] [--device cpu] [--json out.json]
+        [--iters 30] [--threads 1] [--device cpu] [--compile] [--json out.json]
+
+``--compile`` also times every loop with its method's ``compile: true`` (each training step's forward and loss
+through torch.compile), right after the eager one in each round: rows named ``<loop>+compile`` with ``compiled``,
+``graphs`` (graphs compiled for the timed blocks) and ``compile_s`` (wall seconds of the iterations that compiled
+one, left out of the medians like every block's first ``--warmup`` iterations). ``--cold-compile`` disables
+inductor's on-disk caches, so that ``compile_s`` is what a first run on a machine pays.
 
 ``--profile`` prints, for the first block of each loop, where the CPU time goes (matmuls, boolean masks, tan/atan,
 copies, other elementwise operators) and the top operators. ``--official PEER_ROOT`` also runs the official I&S-ViT
@@ -116,17 +122,22 @@ def profile_table(prof: Any, iterations: int, top: int = 12) -> str:
 
 
 def time_loop(loop: str, model_name: str, bits: BitWidth, iters: int, batch_size: int, calib_size: int,
-              blocks: int, device: torch.device, profile: bool = False) -> dict[str, list[list[tuple[float, float]]]]:
-    """Per-iteration (wall, CPU) seconds of ``loop`` for each of the first ``blocks`` blocks, keyed by loop name."""
+              blocks: int, device: torch.device, profile: bool = False, compile: bool = False,
+              compiles: dict[str, list[float]] | None = None) -> dict[str, list[list[tuple[float, float]]]]:
+    """Per-iteration (wall, CPU) seconds of ``loop`` for each of the first ``blocks`` blocks, keyed by loop name;
+    with ``compile``, the method's compiled training step, and ``compiles[name]`` = [graphs, compile seconds]."""
     model, images = build_model(model_name, calib_size, device)
     now = clock(device)
     times: dict[str, list[list[tuple[float, float]]]] = {}
     module = dopq_module if loop == "dopq" else aiqvit_module
     original = module.reconstruct_block
+    compiles = {} if compiles is None else compiles
 
     def timed(block, inputs, targets, steps, n, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
         desc = kwargs.get("desc", "")
         name = "aiqvit_search" if desc.startswith("rank search") else "aiqvit" if module is aiqvit_module else "dopq"
+        compiled = kwargs.get("compile")
+        before = (compiled.graphs, compiled.compile_seconds) if compiled is not None else (0, 0.0)
         marks = [now()]
         last = steps[-1]
 
@@ -147,15 +158,20 @@ def time_loop(loop: str, model_name: str, bits: BitWidth, iters: int, batch_size
         else:
             result = original(block, inputs, targets, steps, n, *args, **kwargs)
         times.setdefault(name, []).append([(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])])
+        if compiled is not None:
+            total = compiles.setdefault(name, [0, 0.0])
+            total[0] += compiled.graphs - before[0]
+            total[1] += compiled.compile_seconds - before[1]
         if all(len(times.get(want, [])) >= blocks for want in wanted):
             raise _Done
         return result
 
     wanted = ("aiqvit_search", "aiqvit") if loop != "dopq" else ("dopq",)
     if loop == "dopq":
-        method = build_method("dopq_vit", bits, calib_size=calib_size, iters=iters, batch_size=batch_size)
+        method = build_method("dopq_vit", bits, calib_size=calib_size, iters=iters, batch_size=batch_size, compile=compile)
     else:
-        method = build_method("aiqvit", bits, calib_size=calib_size, search_iters=iters, iters=iters, batch_size=batch_size)
+        method = build_method("aiqvit", bits, calib_size=calib_size, search_iters=iters, iters=iters, batch_size=batch_size,
+                              compile=compile)
     module.reconstruct_block = timed
     try:
         method.quantize(model, image_calibration(images))
@@ -203,7 +219,8 @@ def header(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
     """The JSON output: the settings and the rows measured so far."""
     bits = BitWidth(*map(int, args.bits.split(",")))
     return {"torch": torch.__version__, "device": args.device, "threads": args.threads, "bits": bits.label,
-            "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds, "rows": rows}
+            "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds,
+            "compile": args.compile, "cold_compile": args.cold_compile, "rows": rows}
 
 
 def main() -> None:
@@ -222,16 +239,22 @@ def main() -> None:
     parser.add_argument("--official", type=Path, default=None, metavar="PEER_ROOT", help="also time the official I&S-ViT loop")
     parser.add_argument("--official-python", default=sys.executable)
     parser.add_argument("--profile", action="store_true", help="print an operator profile of each loop's first block")
+    parser.add_argument("--compile", action="store_true", help="also time each loop compiled (rows <loop>+compile)")
+    parser.add_argument("--cold-compile", action="store_true", help="inductor's on-disk caches off (first-run compile time)")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
     args = parser.parse_args()
+    if args.cold_compile:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.force_disable_caches = True
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bits = BitWidth(*map(int, args.bits.split(",")))
     unit = "CPU s" if device.type == "cpu" else "wall s (synchronized)"
     print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {bits.label}, batch {args.batch_size}, "
           f"{args.iters} iterations per block, per-iteration {unit}, {args.rounds} round(s)")
-    print("| round | model | loop | blocks | it/s | median (ms) | IQR / median | mean (ms) | it/s (wall) |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| round | model | loop | blocks | it/s | median (ms) | IQR / median | mean (ms) | it/s (wall) | graphs | compile (s) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, Any]] = []
     references: list[dict[str, Any]] = []
     loops = [loop for loop in args.loops if loop != "aiqvit_search"]
@@ -240,26 +263,33 @@ def main() -> None:
     for round_ in range(args.rounds):
         for model_name in args.models:
             blocks = args.blocks or (4 if model_name == "mnist_vit" else 1)
-            for loop in loops:
+            for loop, compiled in [(loop, c) for loop in loops for c in ((False, True) if args.compile else (False,))]:
+                compiles: dict[str, list[float]] = {}
                 measured = time_loop(loop, model_name, bits, args.iters, args.batch_size, args.calib_size, blocks, device,
-                                     args.profile)
+                                     args.profile, compiled, compiles)
                 for name, per_block in measured.items():
                     if name not in args.loops:
                         continue
                     s = summary(per_block, args.warmup, cpu=device.type == "cpu")
-                    rows.append({"round": round_, "model": model_name, "loop": name, "blocks": len(per_block), **s})
+                    row = {"round": round_, "model": model_name, "loop": name + ("+compile" if compiled else ""),
+                           "blocks": len(per_block), **s}
+                    if compiled:
+                        graphs, seconds = compiles.get(name, [0, 0.0])
+                        row.update({"compiled": True, "graphs": int(graphs), "compile_s": seconds})
+                    rows.append(row)
                     if args.json:  # after every row: a run stopped at its time limit keeps what it measured
                         args.json.write_text(json.dumps(header(args, rows), indent=1))
-                    print(f"| {round_} | {model_name} | {name} | {len(per_block)} | {s['it_per_s']:.1f} | "
-                          f"{s['median_s'] * 1e3:.1f} | {s['iqr_rel']:.0%} | {s['mean_s'] * 1e3:.1f} | {s['wall_it_per_s']:.1f} |",
-                          flush=True)
+                    extra = f" {row['graphs']} | {row['compile_s']:.1f} |" if compiled else " | |"
+                    print(f"| {round_} | {model_name} | {row['loop']} | {len(per_block)} | {s['it_per_s']:.1f} | "
+                          f"{s['median_s'] * 1e3:.1f} | {s['iqr_rel']:.0%} | {s['mean_s'] * 1e3:.1f} | {s['wall_it_per_s']:.1f} |"
+                          f"{extra}", flush=True)
         if args.official is not None:
             ref = official(args.official, args.official_python, args.iters, args.batch_size, args.threads, args.calib_size, device)
             ref["round"] = round_
             references.append(ref)
             medians = official_medians(ref, args.warmup)
             for stage, median in medians.items():
-                print(f"| {round_} | deit_tiny | official I&S-ViT stage {stage} | 1 | {1 / median:.1f} | {median * 1e3:.1f} | | | |",
+                print(f"| {round_} | deit_tiny | official I&S-ViT stage {stage} | 1 | {1 / median:.1f} | {median * 1e3:.1f} | | | | | |",
                       flush=True)
     result = header(args, rows)
     if references:
