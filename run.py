@@ -51,24 +51,45 @@ def check_experiments(args: list[str]) -> None:
         sys.exit(2)
 
 
+def config_dirs(args: list[str]) -> Optional[list[Path]]:
+    """conf/ and the folders ``--config-dir`` / ``-cd`` add to Hydra's search path; None when the search path changes
+    otherwise (``--config-path``, ``-cp``, ``hydra.searchpath``): the checks below are then left to Hydra."""
+    dirs = [REPO / "conf"]
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        if flag in ("--config-path", "-cp") or arg.lstrip("+~").startswith("hydra.searchpath"):
+            return None
+        if flag in ("--config-dir", "-cd"):
+            folder = value if sep else (args[i + 1] if i + 1 < len(args) else "")
+            dirs.append(Path(os.path.expanduser(folder)))
+    return dirs
+
+
 def check_group_choices(args: list[str]) -> None:
     """``model=<name>`` and the other config groups of conf/config.yaml's defaults (a sweep: names joined by commas):
-    an unknown name is one error line listing conf/<group>/, before Hydra composes (its own error spans a dozen
-    lines); Hydra's sweep functions (glob, choice, range) stay Hydra's. A key added with ``+`` must start with a
-    top-level key of the config: Hydra would add a misspelt one (``+experiments=``, ``+methd.iters=``) silently."""
+    an unknown name is one error line listing the group's configs, before Hydra composes (its own error spans a
+    dozen lines); Hydra's sweep functions (glob, choice, range) stay Hydra's. A key added with ``+`` must start with a
+    top-level key or group of the config: Hydra would add a misspelt one (``+experiments=``, ``+methd.iters=``)
+    silently."""
+    dirs = config_dirs(args)
+    if dirs is None:
+        return
     primary = OmegaConf.load(REPO / "conf" / "config.yaml")
     groups = {key for entry in primary.defaults if isinstance(entry, DictConfig) for key in entry}
-    top_level = groups | {key for key in primary if key != "defaults"} | {"experiment", "hydra"}
+    folders = {path.name for folder in dirs if folder.is_dir() for path in folder.iterdir() if path.is_dir()}
+    top_level = groups | folders | {key for key in primary if key != "defaults"} | {"experiment", "hydra"}
     for arg in args:
         key, sep, value = arg.lstrip("~").partition("=")
-        if sep and key.startswith("+") and key.lstrip("+").split(".")[0] not in top_level:
+        if not sep or key.startswith("-"):
+            continue
+        if key.startswith("+") and key.lstrip("+").split(".")[0] not in top_level:
             print(f"error: {arg}: unknown config key '{key.lstrip('+').split('.')[0]}' (top-level keys: "
                   f"{', '.join(sorted(top_level))})", file=sys.stderr)
             sys.exit(2)
         group, names = key.lstrip("+"), value.split(",")
-        if not sep or group not in groups or not all(re.fullmatch(r"[\w.-]+", name) for name in names):
+        if group not in groups or not all(re.fullmatch(r"[\w.-]+", name) for name in names):
             continue
-        known = sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))
+        known = sorted({path.stem for folder in dirs for path in (folder / group).glob("*.yaml")})
         for name in names:
             if name not in known:
                 print(f"error: unknown {group} '{name}' (known: {', '.join(known)})", file=sys.stderr)

@@ -101,3 +101,11 @@ def test_unknown_config_choice_is_one_line_before_any_work(tmp_path, arg, phrase
     assert_clean_error(result, phrase)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_config_choices_from_a_config_dir_are_known(tmp_path):
+    """A group's configs in a ``--config-dir`` folder count as known; an unknown one there is still one line."""
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "my_vit.yaml").write_text("name: my_vit\n")
+    result = run_cli("--config-dir", str(tmp_path / "conf"), "model=my_vt", f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert_clean_error(result, "unknown model 'my_vt' (known: ", "my_vit")
