@@ -56,10 +56,10 @@ if want compile; then
 fi
 
 if want recon; then
-    step "block reconstruction iterations/s on cuda (DopQ-ViT, AIQViT search and reconstruction), official I&S-ViT beside"
+    step "block reconstruction iterations/s on cuda (DopQ-ViT, AIQViT search and reconstruction; eager and compiled), official I&S-ViT beside"
     official=()
     [ -n "${PEER_ROOT:-}" ] && [ -d "$PEER_ROOT/IaS-ViT" ] && official=(--official "$PEER_ROOT" --official-python "$PY")
-    run recon.txt "${LIMIT_recon:-150}" $PY benchmarks/reconstruction_speed.py --device cuda --iters 30 --warmup 8 \
+    run recon.txt "${LIMIT_recon:-240}" $PY benchmarks/reconstruction_speed.py --device cuda --compile --iters 30 --warmup 8 \
         --models deit_tiny deit_small deit_base swin_tiny "${official[@]}" --json "$DIR/recon.json"
 fi
 
