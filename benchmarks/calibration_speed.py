@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 
 from ptq_bench.calibration import image_calibration  # noqa: E402
 from ptq_bench.methods import BitWidth, build_method  # noqa: E402
+from _clock import clock  # noqa: E402  (benchmarks/_clock.py)
 from _models import TIMM_NAMES  # noqa: E402  (benchmarks/_models.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,12 +54,11 @@ def time_ours(model_name: str, calib_size: int, seed: int, bits: BitWidth, metho
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False, **({"depth": depth} if depth else {})).eval().to(device)
     calib = torch.randn((calib_size, 3, 224, 224), generator=torch.Generator().manual_seed(seed + 1000)).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    wall, cpu = time.perf_counter(), time.process_time()
+    now = clock(device)
+    start = now()
     build_method(method, bits).quantize(model, image_calibration(calib))
-    sync()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    end = now()
+    return end[0] - start[0], end[1] - start[1]
 
 
 def sidecar_path(timings_dir: Path, short: str, calib_size: int, seed: int, bits: BitWidth, threads: int) -> Path:

@@ -36,9 +36,8 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
 
@@ -48,6 +47,7 @@ import torch  # noqa: E402
 from ptq_bench.calibration import image_calibration  # noqa: E402
 from ptq_bench.compiled_eval import evaluating  # noqa: E402
 from ptq_bench.methods import BitWidth, build_method  # noqa: E402
+from _clock import clock  # noqa: E402  (benchmarks/_clock.py)
 from _models import TIMM_NAMES  # noqa: E402  (benchmarks/_models.py)
 from ptq_bench.models import set_quantizers_enabled  # noqa: E402
 from ptq_bench.models.coverage import check_ran  # noqa: E402
@@ -72,16 +72,6 @@ def spread(values: list[float]) -> float:
     return (q3 - q1) / median
 
 
-def timer(device: torch.device) -> Callable[[], tuple[float, float]]:
-    """(wall, CPU) seconds now; the wall clock after a device synchronization on a GPU."""
-    def now() -> tuple[float, float]:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter(), time.process_time()
-
-    return now
-
-
 def measure(fp: torch.nn.Module, quantized: torch.nn.Module, batch: torch.Tensor, threads: int, repeats: int,
             warmup: int, device: torch.device, compile: bool = False) -> dict[str, Any]:
     """Interleaved rounds of the four variants (six with ``compile``); per-round ratios to fp_fused, medians and
@@ -98,7 +88,7 @@ def measure(fp: torch.nn.Module, quantized: torch.nn.Module, batch: torch.Tensor
 
 def _measure(fp: torch.nn.Module, quantized: torch.nn.Module, compiled: dict[str, torch.nn.Module], batch: torch.Tensor,
              threads: int, repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    now = timer(device)
+    now = clock(device)
     variants = VARIANTS + tuple(compiled)
 
     def run(variant: str) -> tuple[float, float]:
@@ -138,9 +128,9 @@ def _measure(fp: torch.nn.Module, quantized: torch.nn.Module, compiled: dict[str
                 times[variant]["cpu"].append(cpu)
     set_fused_attention(fp, True)
     set_quantizers_enabled(quantized, True)
-    clock = out["clock"]
+    unit = out["clock"]
     for variant in variants:
-        out[f"{variant}_s"] = statistics.median(times[variant][clock])
+        out[f"{variant}_s"] = statistics.median(times[variant][unit])
         if variant in first_call:
             out[f"{variant}_compile_s"] = first_call[variant] - statistics.median(times[variant]["wall"])
         out[f"{variant}_images_per_s"] = batch.shape[0] / statistics.median(times[variant]["wall"])
@@ -150,9 +140,9 @@ def _measure(fp: torch.nn.Module, quantized: torch.nn.Module, compiled: dict[str
         for base in ("fp_fused", "fp_explicit"):
             if variant == base or (base == "fp_explicit" and variant == "fp_fused"):
                 continue
-            _ratio(out, times, clock, variant, base)
+            _ratio(out, times, unit, variant, base)
     if compiled:
-        _ratio(out, times, clock, "quant_compiled", "fp_compiled")
+        _ratio(out, times, unit, "quant_compiled", "fp_compiled")
     return out
 
 
@@ -186,10 +176,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     bits = BitWidth(*map(int, args.bits.split(",")))
-    clock = "synchronized wall time" if device.type == "cuda" else "process CPU time (wall in brackets)"
+    clock_text = "synchronized wall time" if device.type == "cuda" else "process CPU time (wall in brackets)"
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.device}, {bits.label}, batch {args.batch_size}, "
           f"{args.repeats} interleaved rounds after {args.warmup} warm-up rounds; ratios: median of per-round ratios "
-          f"(IQR / median), {clock}")
+          f"(IQR / median), {clock_text}")
     compiled = " | quant compiled / FP fused | quant compiled / FP compiled | compile s (FP, quant)" if args.compile else ""
     print("| model | method | threads | FP fused (s) | quant / FP fused | quant / FP explicit | FP explicit / FP fused "
           f"| quant, quantizers off / FP fused{compiled} |\n|---|---|---|---|---|---|---|---|" + "---|" * 3 * args.compile)

@@ -38,9 +38,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
 
@@ -50,6 +49,7 @@ import ptq_bench.methods.aiqvit as aiqvit_module  # noqa: E402
 import ptq_bench.methods.dopq_vit as dopq_module  # noqa: E402
 from ptq_bench.calibration import image_calibration  # noqa: E402
 from ptq_bench.methods import BitWidth, build_method  # noqa: E402
+from _clock import clock  # noqa: E402  (benchmarks/_clock.py)
 from _models import TIMM_NAMES  # noqa: E402  (benchmarks/_models.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,16 +82,6 @@ def build_model(name: str, calib_size: int, device: torch.device) -> tuple[torch
     else:
         raise SystemExit(f"unknown model {name!r} ({', '.join([*TIMM_NAMES, 'mnist_vit'])})")
     return model.eval().to(device), images.to(device)
-
-
-def clock(device: torch.device) -> Callable[[], tuple[float, float]]:
-    """(wall, process CPU) seconds now; the wall clock after a device synchronization on a GPU."""
-    def now() -> tuple[float, float]:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter(), time.process_time()
-
-    return now
 
 
 #: profile categories (self CPU time of torch operators)

@@ -343,52 +343,36 @@ def reconstruct_block(
             f"samples; {type(block).__name__} takes extra arguments or samples of different shapes: set compile: false"
         )
     with cpu_threads_for(inputs, batch_size):
-        return _reconstruct_block(block, inputs, targets, steps, iters, batch_size, generator, loss, desc, progress, compiled)
-
-
-def _reconstruct_block(
-    block: nn.Module,
-    inputs: Samples,
-    targets: Samples,
-    steps: Sequence[ReconStep],
-    iters: int,
-    batch_size: int,
-    generator: torch.Generator,
-    loss: Loss,
-    desc: str,
-    progress: bool,
-    compiled: Optional[CompiledLoss] = None,
-) -> list[float]:
-    order: list[Optional[torch.Tensor]] = [None] * len(steps)  # curriculum ranking per step, easiest first
-    history: list[float] = []
-    bar: Iterator[int] = tqdm(range(iters), desc=desc, leave=False, disable=not progress)
-    for t in bar:
-        for k, step in enumerate(steps):
-            active = step.pool
-            if step.curriculum is not None:
-                if order[k] is None or t % step.curriculum.rerank_every == 0:
-                    losses = evaluate_losses(block, inputs, targets, step.pool, batch_size, loss)
-                    order[k] = step.pool[losses.argsort(stable=True).to(step.pool.device)]
-                active = order[k][: step.curriculum.count(t, iters, step.pool.numel())]  # type: ignore[index]
-            idx = _batches(active, batch_size, generator)
-            if step.before is not None:
-                step.before()
-            step.optimizer.zero_grad(set_to_none=True)
-            if compiled is not None:
-                with compiled.timing():
-                    value = compiled(block, inputs[idx], targets[idx], loss)  # type: ignore[arg-type]
+        order: list[Optional[torch.Tensor]] = [None] * len(steps)  # curriculum ranking per step, easiest first
+        history: list[float] = []
+        bar: Iterator[int] = tqdm(range(iters), desc=desc, leave=False, disable=not progress)
+        for t in bar:
+            for k, step in enumerate(steps):
+                active = step.pool
+                if step.curriculum is not None:
+                    if order[k] is None or t % step.curriculum.rerank_every == 0:
+                        losses = evaluate_losses(block, inputs, targets, step.pool, batch_size, loss)
+                        order[k] = step.pool[losses.argsort(stable=True).to(step.pool.device)]
+                    active = order[k][: step.curriculum.count(t, iters, step.pool.numel())]  # type: ignore[index]
+                idx = _batches(active, batch_size, generator)
+                if step.before is not None:
+                    step.before()
+                step.optimizer.zero_grad(set_to_none=True)
+                if compiled is not None:
+                    with compiled.timing():
+                        value = compiled(block, inputs[idx], targets[idx], loss)  # type: ignore[arg-type]
+                        value.backward()
+                else:
+                    value = batch_losses(block, inputs[idx], targets[idx], loss).mean()
                     value.backward()
-            else:
-                value = batch_losses(block, inputs[idx], targets[idx], loss).mean()
-                value.backward()
-            step.optimizer.step()
-            if step.after is not None:
-                step.after()
-            if k == 0:
-                history.append(value.item())
-        if progress and history:
-            bar.set_postfix(loss=f"{history[-1]:.3g}")  # type: ignore[attr-defined]
-    return history
+                step.optimizer.step()
+                if step.after is not None:
+                    step.after()
+                if k == 0:
+                    history.append(value.item())
+            if progress and history:
+                bar.set_postfix(loss=f"{history[-1]:.3g}")  # type: ignore[attr-defined]
+        return history
 
 
 #: Smallest value a learned scale is projected back to after each update.
