@@ -82,11 +82,11 @@ def check_group_choices(args: list[str]) -> None:
         key, sep, value = arg.lstrip("~").partition("=")
         if not sep or key.startswith("-"):
             continue
-        if key.startswith("+") and key.lstrip("+").split(".")[0] not in top_level:
-            print(f"error: {arg}: unknown config key '{key.lstrip('+').split('.')[0]}' (top-level keys: "
+        group, names = key.lstrip("+"), value.split(",")
+        if key.startswith("+") and group.split(".")[0] not in top_level:
+            print(f"error: {arg}: unknown config key '{group.split('.')[0]}' (top-level keys: "
                   f"{', '.join(sorted(top_level))})", file=sys.stderr)
             sys.exit(2)
-        group, names = key.lstrip("+"), value.split(",")
         if group not in groups or not all(re.fullmatch(r"[\w.-]+", name) for name in names):
             continue
         known = sorted({path.stem for folder in dirs for path in (folder / group).glob("*.yaml")})

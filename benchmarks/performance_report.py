@@ -286,7 +286,7 @@ def cost_table(costs: dict[str, dict[str, float]]) -> str:
 # ------------------------------------------------------------------------------------------------ GPU
 
 
-def first_line(path: Path, pattern: str) -> str:
+def last_matching_line(path: Path, pattern: str) -> str:
     """The last line of ``path`` matching ``pattern`` (pytest's summary, nvidia-smi's GPU line), or ''."""
     if not path.is_file():
         return ""
@@ -321,7 +321,7 @@ def mib(row: dict[str, Any], key: str) -> str:
 def gpu_section(gpu: Path) -> str:
     """Section 5 from a benchmarks/gpu_check.sh output folder."""
     env = (gpu / "env.txt").read_text().strip() if (gpu / "env.txt").is_file() else "environment not recorded"
-    tests = first_line(gpu / "pytest.txt", r"\d+ (passed|failed)") or "the test suite was not run"
+    tests = last_matching_line(gpu / "pytest.txt", r"\d+ (passed|failed)") or "the test suite was not run"
     lines = [f"Measured by `benchmarks/gpu_check.sh` on {env}. Test suite there: `{tests}`.", ""]
     eval_data = load(gpu, "eval")
     if eval_data:
@@ -481,7 +481,7 @@ def main() -> None:
     page = replace_section(page, "cost", cost_table(run_costs(eval_data, recon, calib, ptq4vit)))
     if args.gpu_dir is not None:
         page = replace_section(page, "gpu", gpu_section(args.gpu_dir))
-        gpu_name = first_line(args.gpu_dir / "env.txt", "torch") or "GPU"
+        gpu_name = last_matching_line(args.gpu_dir / "env.txt", "torch") or "GPU"
         gpu_name = re.sub(r".*CUDA \S+ (.*?) timm.*", r"\1", gpu_name)
         page = replace_section(page, "gpu_cost", gpu_cost_table(gpu_run_costs(args.gpu_dir), gpu_name))
     args.out.write_text(page)
