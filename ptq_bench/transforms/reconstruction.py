@@ -193,16 +193,17 @@ class CompiledLoss:
 
 @contextmanager
 def compiled_losses(enabled: bool, what: str = "block reconstruction") -> Iterator[Optional[CompiledLoss]]:
-    """A :class:`CompiledLoss` for the blocks of one model (None when not ``enabled``); on exit the graphs and
-    compile time are logged and dynamo's caches are reset (the compiled code holds the model's blocks)."""
+    """A :class:`CompiledLoss` for the blocks of one model (None when not ``enabled``); after the model's blocks the
+    graphs and compile time are logged (not when the reconstruction failed), and on any exit dynamo's caches are
+    reset (the compiled code holds the model's blocks)."""
     if not enabled:
         yield None
         return
     compiled = CompiledLoss()
     try:
         yield compiled
-    finally:
         log.info("%s: %d compiled graph(s), %.1f s compiling", what, compiled.graphs, compiled.compile_seconds)
+    finally:
         torch._dynamo.reset()
 
 
