@@ -23,11 +23,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-REPO = Path(__file__).resolve().parent
+from ptq_bench.paths import conf_path  # importing ptq_bench registers the config resolvers Hydra needs
+
 #: ``python run.py`` with no arguments runs this sweep (the embedded default of the README).
 DEMO_ARGS = ["-m", "method=fp,minmax", "bits=w8a8,w4a4"]
-
-OmegaConf.register_new_resolver("repo_root", lambda: str(REPO), replace=True)
 
 
 def expand_home(arg: str) -> str:
@@ -54,7 +53,7 @@ def check_experiments(args: list[str]) -> None:
 def config_dirs(args: list[str]) -> Optional[list[Path]]:
     """conf/ and the folders ``--config-dir`` / ``-cd`` add to Hydra's search path; None when the search path changes
     otherwise (``--config-path``, ``-cp``, ``hydra.searchpath``): the checks below are then left to Hydra."""
-    dirs = [REPO / "conf"]
+    dirs = [conf_path()]
     for i, arg in enumerate(args):
         flag, sep, value = arg.partition("=")
         if flag in ("--config-path", "-cp") or arg.lstrip("+~").startswith("hydra.searchpath"):
@@ -74,7 +73,7 @@ def check_group_choices(args: list[str]) -> None:
     dirs = config_dirs(args)
     if dirs is None:
         return
-    primary = OmegaConf.load(REPO / "conf" / "config.yaml")
+    primary = OmegaConf.load(conf_path("config.yaml"))
     groups = {key for entry in primary.defaults if isinstance(entry, DictConfig) for key in entry}
     folders = {path.name for folder in dirs if folder.is_dir() for path in folder.iterdir() if path.is_dir()}
     top_level = groups | folders | {key for key in primary if key != "defaults"} | {"experiment", "hydra"}

@@ -31,6 +31,7 @@ import ptq_bench.transforms.invariants as invariants  # noqa: E402
 from ptq_bench.calibration import image_calibration  # noqa: E402
 from ptq_bench.methods import BitWidth, build_method  # noqa: E402
 from ptq_bench.models.coverage import tracking_calls  # noqa: E402
+from _clock import clock  # noqa: E402  (benchmarks/_clock.py)
 
 
 @contextlib.contextmanager
@@ -53,31 +54,29 @@ class TimedTrace:
             self.seconds += time.process_time() - start
 
 
-def clock(device: torch.device) -> float:
-    """Process CPU seconds on a CPU; on a GPU, wall seconds after a synchronization."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return time.process_time()
+def seconds(device: torch.device) -> float:
+    """Process CPU seconds on a CPU; on a GPU, wall seconds after a synchronization (benchmarks/_clock.py)."""
+    wall, cpu = clock(device)()
+    return wall if device.type == "cuda" else cpu
 
 
 def calibrate(fp: torch.nn.Module, images: torch.Tensor, checked: bool) -> tuple[float, torch.nn.Module]:
     original = repq_module.keeps_fp_function
     repq_module.keeps_fp_function = original if checked else _no_check
     try:
-        start = clock(images.device)
+        start = seconds(images.device)
         model = build_method("repq_vit", BitWidth(4, 4)).quantize(copy.deepcopy(fp), image_calibration(images))
-        return clock(images.device) - start, model
+        return seconds(images.device) - start, model
     finally:
         repq_module.keeps_fp_function = original
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batch: torch.Tensor, tracked: bool) -> float:
-    start = clock(batch.device)
+    start = seconds(batch.device)
     with tracking_calls(model) if tracked else contextlib.nullcontext():
         model(batch)
-    return clock(batch.device) - start
+    return seconds(batch.device) - start
 
 
 def main() -> None:

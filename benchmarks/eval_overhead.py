@@ -53,7 +53,6 @@ from ptq_bench.models import set_quantizers_enabled  # noqa: E402
 from ptq_bench.models.coverage import check_ran  # noqa: E402
 
 VARIANTS = ("fp_fused", "fp_explicit", "quant", "quant_off")
-COMPILED = ("fp_compiled", "quant_compiled")
 TARGET = 1.1
 
 

@@ -4,12 +4,12 @@ allowed (:class:`ConfigError`), so a bad input stops a run before any model is b
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from ptq_bench.errors import ConfigError
+from ptq_bench.paths import expand_path
 
 
 def integer(value: Any, key: str, minimum: int | None = None) -> int:
@@ -48,7 +48,7 @@ def choice(value: Any, key: str, allowed: Sequence[Any]) -> Any:
 
 def writable_directory(path: str | Path, key: str) -> Path:
     """Create ``path`` if needed and prove it writable (a temporary file), before any work."""
-    directory = Path(os.path.expandvars(str(path))).expanduser()
+    directory = expand_path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):

@@ -17,16 +17,16 @@ import itertools
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from ptq_bench.errors import ConfigError
+from ptq_bench.methods import METHODS
+from ptq_bench.paths import conf_path
 
-REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
+CONF = conf_path()
 AXES = ("model", "method", "bits")
 #: An experiment on run.py's command line: ``+experiment=<name>``, and the typos ``experiment=`` / ``++experiment=``.
 EXPERIMENT_ARG = re.compile(r"(\+{0,2})experiment=(.*)")
@@ -64,7 +64,6 @@ def compose(name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    OmegaConf.register_new_resolver("repo_root", lambda: str(REPO), replace=True)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=[f"+experiment={name}", *overrides], return_hydra_config=True)
 
@@ -85,18 +84,19 @@ def grid(name: str, overrides: list[str] = ()) -> pd.DataFrame:  # type: ignore[
         raise ConfigError(f"the grid lists sweeps over {', '.join(AXES)} only, not {', '.join(sorted(other))}")
     spec = _spec(cfg)
     rows, fp_seen = [], set()
+    uses_bits = {method: METHODS.get(method).uses_bits for method in axes["method"]}  # FP runs once per model
     for model, method, bits in itertools.product(axes["model"], axes["method"], axes["bits"]):
         label = bits.upper()
         if spec is not None and not spec.has_cell(model, method, label):
             action = "skip"
         elif not model_available(model):
             action = "no model config"
-        elif method == "fp" and model in fp_seen:
+        elif not uses_bits[method] and model in fp_seen:
             action = "resume"
         else:
             action = "run"
-        fp_seen.add(model) if method == "fp" else None
-        rows.append({"model": model, "method": method, "bits": "-" if method == "fp" else label, "job": action,
+        fp_seen.add(model) if not uses_bits[method] else None
+        rows.append({"model": model, "method": method, "bits": label if uses_bits[method] else "-", "job": action,
                      **_protocol(cfg, method)})
     return pd.DataFrame(rows)
 

@@ -28,13 +28,14 @@ from ptq_bench.distributed import is_main_process
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
 from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules
-from ptq_bench.protocol import apply_protocol
+from ptq_bench.paths import REPO
+from ptq_bench.protocol import apply_protocol, chosen_options
 from ptq_bench.results.environment import environment, peak_memory, start_memory_tracking
+from ptq_bench.results.report import method_label as table_label
 from ptq_bench.results.store import SCHEMA_VERSION, RecordStore, run_key
 from ptq_bench.tracking import check_online, log_to_wandb
 
 log = logging.getLogger("ptq_bench")
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -104,18 +105,6 @@ def run_label(cfg: DictConfig, method: Method) -> str:
     return f"{label}/{method.bits.label}" if method.uses_bits else label
 
 
-def method_label(method: Method, overrides: list[str]) -> str:
-    """The method name with its command-line option overrides (an ablation variant), runtime options left out."""
-    chosen = method.identity()
-    extras = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        option = key.removeprefix("method.")
-        if key.startswith("method.") and option in chosen:
-            extras.append(f"{option}={value}")
-    return f"{method.name} [{', '.join(sorted(extras))}]" if extras else method.name
-
-
 def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, weights_sha256: str) -> dict[str, Any]:
     """What determines the result; its hash is the run key (batch size, workers, devices, logging excluded)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -133,6 +122,47 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
         "code_version": __version__,
         **compiled,
     }
+
+
+def build_record(
+    cfg: DictConfig,
+    overrides: list[str],
+    output_dir: Path,
+    key: str,
+    task: Any,
+    method: Method,
+    settings: RunSettings,
+    protocol: dict[str, Any],
+    measured: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's record: what ran (config, identity, protocol, the options it chose over the paper's and its table
+    label, computed here once so the report reads them) and the ``measured`` sections (model, calibration,
+    quantized, metrics, timings, memory)."""
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    bits = settings.bits
+    record = {
+        "schema": SCHEMA_VERSION,
+        "run_key": key,
+        "task": task.name,
+        "primary_metric": task.primary_metric,
+        "model": measured["model"],
+        "method": method_cfg,
+        "option_changes": chosen_options(method_cfg, protocol),  # type: ignore[arg-type]
+        "method_overrides": sorted(o for o in overrides if o.lstrip("+~").startswith("method.")),
+        "protocol": protocol,  # budget, what it capped, method_options given for this method
+        "bits": {"w": bits.w, "a": bits.a, "label": bits.label} if method.uses_bits else None,
+        "seed": settings.seed,
+        **{part: measured[part] for part in ("calibration", "quantized", "metrics", "timings")},
+        "device": str(settings.device),
+        "eval_compile": settings.eval_compile,
+        "memory": measured["memory"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": environment(REPO, str(settings.device)),
+        "output_dir": str(output_dir),
+    }
+    record["method_label"] = table_label(record)
+    return record
 
 
 def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optional[int] = None) -> dict[str, Any]:
@@ -184,34 +214,15 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     eval_seconds = time.perf_counter() - eval_start
     check_ran(calls)
 
-    record = {
-        "schema": SCHEMA_VERSION,
-        "run_key": key,
-        "task": task.name,
-        "primary_metric": task.primary_metric,
+    measured = {
         "model": task.describe_model(model, info),
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
-        "method_label": method_label(method, overrides),
-        "method_overrides": sorted(o for o in overrides if o.lstrip("+~").startswith("method.")),
-        "protocol": protocol.as_record(),  # budget, what it capped, method_options given for this method
-        "bits": {"w": settings.bits.w, "a": settings.bits.a, "label": settings.bits.label} if method.uses_bits else None,
-        "seed": settings.seed,
         "calibration": calibration,
         "quantized": quantized_modules(model),
         "metrics": metrics,
-        "timings": {
-            "calibration_s": calibration.get("seconds", 0.0),
-            "eval_s": eval_seconds,
-            "total_s": time.perf_counter() - start,
-        },
-        "device": str(settings.device),
-        "eval_compile": settings.eval_compile,
+        "timings": {"calibration_s": calibration.get("seconds", 0.0), "eval_s": eval_seconds, "total_s": time.perf_counter() - start},
         "memory": peak_memory(settings.device, rss_baseline),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "env": environment(REPO, str(settings.device)),
-        "output_dir": str(output_dir),
     }
+    record = build_record(cfg, overrides, output_dir, key, task, method, settings, protocol.as_record(), measured)
     if not is_main_process():  # torchrun: every rank evaluated its share; rank 0 writes and logs the one record
         return record
     path = store.write(record)

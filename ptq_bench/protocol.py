@@ -21,17 +21,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ptq_bench.bits import bits_label
 from ptq_bench.errors import ConfigError
+from ptq_bench.methods import METHODS
+from ptq_bench.methods.options import method_defaults, runtime_fields
+from ptq_bench.models.build import CHECKPOINT_SUFFIXES
+from ptq_bench.paths import expand_path
+from ptq_bench.results.paper import load_spec
 
 log = logging.getLogger("ptq_bench")
 
 #: File name endings a checkpoint in ``model.checkpoint_dir`` may have, in order of preference.
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +55,6 @@ class Protocol:
 
 def apply_protocol(cfg: DictConfig) -> tuple[DictConfig, Protocol]:
     """A copy of ``cfg`` with per-method options, budget caps and the checkpoint folder applied, and the protocol."""
-    from ptq_bench.methods import METHODS
-
     cfg = copy.deepcopy(cfg)
     name = str(cfg.method.name)
     METHODS.get(name)  # one-line error for an unknown method before anything else
@@ -122,7 +124,7 @@ def _resolve_checkpoint(cfg: DictConfig) -> None:
         del cfg.model["checkpoint_dir"]
     if folder is None or cfg.model.get("checkpoint") or cfg.model.get("weights") == "builder":
         return
-    root = Path(str(folder)).expanduser()
+    root = expand_path(str(folder))
     if not root.is_dir():
         raise ConfigError(f"model.checkpoint_dir={folder}: no such folder")
     names = [str(cfg.model.name)]
@@ -142,11 +144,9 @@ def _skip_reason(cfg: DictConfig, changes: Mapping[str, list[Any]], checkpoint: 
     """Why this job does no work: ``dry_run`` (what it would run, with what protocol and weights), or (under
     ``paper_table``) not a cell of that table."""
     table = cfg.get("paper_table")
-    bits = f"W{cfg.bits.w}A{cfg.bits.a}"
-    job = f"{cfg.model.name}/{cfg.method.name}" + ("" if str(cfg.method.name) == "fp" else f"/{bits}")
+    bits = bits_label(cfg.bits.w, cfg.bits.a)
+    job = f"{cfg.model.name}/{cfg.method.name}" + (f"/{bits}" if METHODS.get(str(cfg.method.name)).uses_bits else "")
     if table:
-        from ptq_bench.results.paper import load_spec
-
         spec = load_spec(str(table))
         if not spec.has_cell(str(cfg.model.name), str(cfg.method.name), bits):
             return f"{job}: not a cell of {spec.name}: skipped"
@@ -165,9 +165,6 @@ def option_changes(name: str, method_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``{key: value}`` of ``method_cfg`` that differ from ``conf/method/<name>.yaml`` (``calib_size`` included;
     runtime options, ``name`` and keys the YAML no longer has, e.g. in old records, left out). An unknown method
     gives {}."""
-    from ptq_bench.methods import METHODS
-    from ptq_bench.methods.options import method_defaults, runtime_fields
-
     if name not in METHODS:
         return {}
     try:
@@ -176,6 +173,18 @@ def option_changes(name: str, method_cfg: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     skip = runtime_fields(METHODS.get(name).Options) | {"name"}
     return {k: v for k, v in method_cfg.items() if k in defaults and k not in skip and not same_value(defaults[k], v)}
+
+
+def chosen_options(method_cfg: Mapping[str, Any], protocol: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a run chose over its method's YAML (the paper's values), :func:`option_changes` less those only
+    the budget changed (``protocol``: :meth:`Protocol.as_record`): what the record's label names."""
+    name = str(method_cfg["name"])
+    changes = option_changes(name, method_cfg)
+    defaults = method_defaults(name) if changes else {}
+    for key, (before, _after) in (protocol.get("budget_changes") or {}).items():
+        if key in changes and same_value(before, defaults.get(key)):
+            del changes[key]
+    return changes
 
 
 def same_value(a: Any, b: Any) -> bool:

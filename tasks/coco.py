@@ -31,13 +31,14 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.checks import integer, optional_integer
 from ptq_bench.errors import CheckpointError, ConfigError, DataError
 from ptq_bench.models.build import ModelInfo, parameters_sha256, read_checkpoint
+from ptq_bench.paths import conf_path
 from tasks import TASKS
 from tasks.base import Task
 from tasks.classification import draw_indices
 
 log = logging.getLogger(__name__)
 
-MMDET_CONFIGS = Path(__file__).resolve().parent.parent / "conf" / "mmdet"
+MMDET_CONFIGS = conf_path("mmdet")
 INSTALL_HINT = "task=coco needs the detection extra: run scripts/install_det.sh (README.md, Detection)"
 #: CocoMetric stat names → record suffixes (AP, AP50, AP75, APs/m/l).
 COCO_STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")

@@ -27,7 +27,8 @@ from ptq_bench.calibration import CalibrationData  # noqa: E402
 from ptq_bench.models import calibrating, layernorm_linear_pairs, named_quantizers, prepare_, set_quantizers_enabled  # noqa: E402
 from ptq_bench.quant import UniformQuantizer  # noqa: E402
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_  # noqa: E402
-from ptq_bench.transforms.reconstruction import BlockInputs, block_outputs, capture_block_inputs, evaluate_losses  # noqa: E402
+from ptq_bench.transforms.block_capture import BlockInputs, block_outputs, capture_block_inputs  # noqa: E402
+from ptq_bench.transforms.block_losses import evaluate_losses  # noqa: E402
 
 QUIET = ["logger=none", "task.progress=false", "data.workers=0"]
 #: The 80 COCO category names (CocoDataset and CocoMetric match categories by name); the images hold two of them.

@@ -1,4 +1,4 @@
-"""Compiled block reconstruction (the methods' ``compile`` option, ptq_bench/transforms/reconstruction.py): the
+"""Compiled block reconstruction (the methods' ``compile`` option, ptq_bench/transforms/compiled_loss.py): the
 functional STE forms equal the eager ones; the compiled training step gives eager's gradients and follows the eager
 loop (same batches, losses and learned step sizes up to rounding) in one graph shared by the blocks of a model; a
 graph break or too many graphs is an error, never an eager fallback; the option enters the run key only when on.
@@ -17,6 +17,7 @@ from torch import nn
 
 import ptq_bench.methods.aiqvit as aiqvit_module
 import ptq_bench.methods.dopq_vit as dopq_module
+import ptq_bench.transforms.compiled_loss as compiled_loss
 import ptq_bench.transforms.reconstruction as reconstruction
 from ptq_bench.calibration import image_calibration
 from ptq_bench.errors import ConfigError
@@ -24,7 +25,10 @@ from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.methods.options import method_defaults
 from ptq_bench.results.store import run_key
 from ptq_bench.quant.ste import _TangentSTE, _TangentSTEGraph, _UniformSTE, _UniformSTEGraph
-from ptq_bench.transforms.reconstruction import BlockInputs, CompiledLoss, ReconStep, batch_losses, reconstruct_block
+from ptq_bench.transforms.block_capture import BlockInputs
+from ptq_bench.transforms.block_losses import batch_losses
+from ptq_bench.transforms.compiled_loss import CompiledLoss
+from ptq_bench.transforms.reconstruction import ReconStep, reconstruct_block
 from test_cuda import mnist_images, mnist_model
 from test_fast_ste import CASES, copies, grads, values_on_and_beyond_the_grid
 
@@ -165,7 +169,7 @@ def _run(method: str, options: dict[str, Any], compile: bool, backend: str, monk
         return history
 
     monkeypatch.setattr(module, "reconstruct_block", record)
-    monkeypatch.setattr(reconstruction, "CompiledLoss", lambda: CompiledLoss(backend))
+    monkeypatch.setattr(compiled_loss, "CompiledLoss", lambda: CompiledLoss(backend))
     model = mnist_model().to(device)
     calib = mnist_images(0, 64).to(device)
     build_method(method, BitWidth(4, 4), calib_size=64, compile=compile, **options).quantize(model, image_calibration(calib))
@@ -210,7 +214,7 @@ def _tiny_step(block: nn.Module) -> ReconStep:
 
 def test_graphs_beyond_the_limit_are_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new batch size is a new static graph; past RECOMPILE_LIMIT the run stops instead of falling back to eager."""
-    monkeypatch.setattr(reconstruction, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(compiled_loss, "RECOMPILE_LIMIT", 1)
     block = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
     inputs, targets = torch.randn(6, 5, 8), torch.randn(6, 5, 8)
     compiled = CompiledLoss("aot_eager")

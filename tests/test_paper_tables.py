@@ -19,7 +19,7 @@ from conftest import REPO, run_cli
 from ptq_bench.errors import ConfigError
 from ptq_bench.experiments import experiment_names, grid
 from ptq_bench.methods.options import method_defaults
-from ptq_bench.protocol import apply_protocol
+from ptq_bench.protocol import apply_protocol, chosen_options
 from ptq_bench.results import paper
 from ptq_bench.results.published import load_published, published_value
 from ptq_bench.results.report import aggregate, method_label, paper_table, records_frame
@@ -37,12 +37,13 @@ def record(method: str, model: str, bits: tuple[int, int] | None, top1: float, s
     for key, (_before, after) in (budget_changes or {}).items():
         method_cfg[key] = after
     key = run_key({"method": method_cfg, "model": model, "bits": bits, "seed": seed, **extra})
+    protocol = {"budget": "smoke" if budget_changes else "paper", "budget_changes": budget_changes or {}, "caps": {},
+                "method_options": options or {}}
     return {
         "run_key": key, "task": "classification", "primary_metric": "top1", "created": extra.get("created", "2026-01-01T00:00:00"),
         "model": {"name": model, "display": display or model, "checkpoint": f"/ckpt/{model}.pth", "weights_sha256": extra.get("sha", "ab" * 32)},
-        "method": method_cfg, "method_overrides": [],
-        "protocol": {"budget": "smoke" if budget_changes else "paper", "budget_changes": budget_changes or {}, "caps": {},
-                     "method_options": options or {}},
+        "method": method_cfg, "method_overrides": [], "option_changes": chosen_options(method_cfg, protocol),
+        "protocol": protocol,
         "bits": {"w": bits[0], "a": bits[1], "label": f"W{bits[0]}A{bits[1]}"} if bits else None,
         "seed": seed, "metrics": {"top1": top1}, "timings": {"calibration_s": 1.0, "eval_s": 1.0, "total_s": 2.0},
         "config": {"data": {"kind": "imagefolder", "root": "/data", "max_eval_images": extra.get("max_eval_images")}},

@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptq_bench.transforms.reconstruction import (
-    SMALL_BATCH_ELEMENTS,
-    BlockInputs,
-    ReconStep,
-    cpu_threads_for,
-    reconstruct_block,
-)
+from ptq_bench.transforms.block_capture import BlockInputs
+from ptq_bench.transforms.reconstruction import SMALL_BATCH_ELEMENTS, ReconStep, cpu_threads_for, reconstruct_block
 
 
 def test_small_batches_run_on_one_thread_and_restore_the_count() -> None:

@@ -118,10 +118,6 @@ class ArchitectureAdapter(ABC):
                     "applied to it (method.post_norm=skip runs without it there)"
                 )
 
-    def post_norm_blocks(self, model: nn.Module) -> list[str]:
-        """Names of the blocks a fold skips with ``post_norm=skip`` (post-norm or of unknown forward)."""
-        return [name for name, block in self.blocks(model) if not self.is_pre_norm(block)]
-
     def check(self, model: nn.Module, needs: Iterable[str], method: str) -> None:
         """Raise one line if the adapter cannot give ``method`` what it ``needs`` on ``model``."""
         for need in needs:

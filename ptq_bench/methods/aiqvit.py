@@ -27,11 +27,10 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, BitWidth, Method
 from ptq_bench.methods.options import identity_options, keyed_when_on, runtime
-from ptq_bench.models import QuantSite, calibrating, find_blocks, prepare_
+from ptq_bench.models import calibrating, find_blocks
 from ptq_bench.models.build import parameters_sha256
-from ptq_bench.quant import Quantizer, UniformQuantizer
-from ptq_bench.quant.registry import check_post_softmax, post_softmax_quantizer
-from ptq_bench.quant.dfq import DynamicFocusingQuantizer
+from ptq_bench.models.placement import QuantizerSpec
+from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.transforms.lowrank import (
     LowRankBranch,
@@ -42,26 +41,15 @@ from ptq_bench.transforms.lowrank import (
     lowrank_layers,
     usable_ranks,
 )
-from ptq_bench.transforms.reconstruction import (
-    BlockStateStore,
-    CompiledLoss,
-    Curriculum,
-    ReconStep,
-    block_outputs,
-    capture_block_inputs,
-    clamp_scales_,
-    compiled_losses,
-    evaluate_losses,
-    learnable_scales,
-    reconstruct_block,
-)
+from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
+from ptq_bench.transforms.block_losses import evaluate_losses
+from ptq_bench.transforms.block_state import BlockStateStore
+from ptq_bench.transforms.compiled_loss import CompiledLoss, compiled_losses
+from ptq_bench.transforms.reconstruction import Curriculum, ReconStep, clamp_scales_, learnable_scales, reconstruct_block
 from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.reparam import mean_target, reparameterize_layernorm_
 
 log = logging.getLogger(__name__)
-
-#: Paper's candidate rank set S (Implementation details).
-PAPER_RANKS = (10, 20, 50, 100, 150)
 
 
 @dataclass(frozen=True)
@@ -106,7 +94,6 @@ class AIQViTOptions:
     def __post_init__(self) -> None:
         if not (self.rank == "search" or (isinstance(self.rank, int) and self.rank > 0)):
             raise ConfigError(f"method.rank={self.rank!r}: must be 'search' or a positive integer")
-        check_post_softmax(self.softmax_quantizer, "aiqvit")
         if self.placement == "side" and self.reparam == "after":
             raise ConfigError("aiqvit placement=side cannot be combined with reparam=after (the FP branch would need reparameterizing)")
         if not 0.0 < self.search_val_fraction < 1.0:
@@ -131,9 +118,10 @@ class AIQViTOptions:
 class AIQViT(Method):
     name = "aiqvit"
     Options = AIQViTOptions
+    role_options = {"post_softmax": "softmax_quantizer"}
 
-    def __init__(self, bits: BitWidth, options: AIQViTOptions, seed: int = 0, progress: bool = False) -> None:
-        super().__init__(bits, options, seed, progress)
+    def __init__(self, bits: BitWidth, options: AIQViTOptions, seed: int = 0, progress: bool = False, **kwargs: Any) -> None:
+        super().__init__(bits, options, seed, progress, **kwargs)
         self._compiled: Optional[CompiledLoss] = None  # the compiled training step while reconstructing (compile)
         self.ranks: dict[str, int] = {}  # chosen rank per linear layer
         self.block_errors: dict[str, tuple[float, float]] = {}  # block → (MSE before, MSE after)
@@ -143,21 +131,22 @@ class AIQViT(Method):
         return frozenset({"blocks", "layernorm_pairs"} if strict else {"blocks"})
 
     # ---------------------------------------------------------------- quantizers
-    def make_quantizer(self, site: QuantSite) -> Optional[Quantizer]:
+    def placement(self) -> dict[str, QuantizerSpec | None]:
         cfg = self.options
-        if site.is_weight:
-            return UniformQuantizer(self.bits.w, granularity="channel", channel_dim=0, observer=cfg.weight_observer)
-        if site.role == "post_softmax":
-            uniform = {"granularity": "tensor", "observer": cfg.act_observer}
-            dfq = {"init": cfg.dfq_init, "below": cfg.dfq_below}
-            return post_softmax_quantizer(cfg.softmax_quantizer, self.bits.a, {"uniform": uniform, "dfq": dfq})
-        bits = self.bits.a
-        if site.role == "patch_embed" and cfg.patch_embed_input_bits is not None:
-            bits = cfg.patch_embed_input_bits
-        per_channel = site.role == "post_layernorm" and cfg.reparam != "none"
-        return UniformQuantizer(
-            bits, granularity="channel" if per_channel else "tensor", channel_dim=-1, observer=cfg.act_observer
-        )
+        per_tensor = {"granularity": "tensor", "observer": cfg.act_observer}
+        softmax = {"uniform": per_tensor, "dfq": {"init": cfg.dfq_init, "below": cfg.dfq_below}}.get(cfg.softmax_quantizer, {})
+        patch_bits = cfg.patch_embed_input_bits
+        post_norm = "channel" if cfg.reparam != "none" else "tensor"
+        return {
+            "weight": QuantizerSpec("uniform", "w", {"granularity": "channel", "channel_dim": 0, "observer": cfg.weight_observer}),
+            "post_layernorm": QuantizerSpec("uniform", "a", {**per_tensor, "granularity": post_norm}),
+            "post_softmax": QuantizerSpec(cfg.softmax_quantizer, "a", softmax),
+            "patch_embed": QuantizerSpec("uniform", "a" if patch_bits is None else patch_bits, per_tensor),
+            "activation": QuantizerSpec("uniform", "a", per_tensor),
+        }
+
+    def foldable_roles(self) -> frozenset[str]:
+        return frozenset({"post_layernorm"} if self.options.reparam != "none" else set())
 
     # ---------------------------------------------------------------- pipeline
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
@@ -166,7 +155,7 @@ class AIQViT(Method):
         fp_model = copy.deepcopy(model).eval()  # model.eval(): no dropout / stochastic depth anywhere
         for p in fp_model.parameters():
             p.requires_grad_(False)
-        prepare_(model, self.make_quantizer)
+        self.place_quantizers_(model)
         with torch.no_grad(), calibrating(model):
             data.run(model, limit=cfg.init_size)
         if cfg.reparam == "before":
@@ -256,15 +245,13 @@ class AIQViT(Method):
         if cfg.lowrank:
             ranks = self._attach_branches(name, block, inputs, target, generator)
             groups.append({"params": branch_parameters(block), "lr": cfg.lr_lowrank})
-        dfq = [m for m in block.modules() if isinstance(m, DynamicFocusingQuantizer)]
-        if dfq:
-            groups.append({"params": [p for q in dfq for p in (q.b1, q.b2)], "lr": cfg.lr_dfq})
-        act = [
-            m
-            for m in block.modules()
-            if cfg.learn_act_scales and isinstance(m, UniformQuantizer) and m.role != "weight" and m.granularity != "token"
-        ]
-        with learnable_scales(act) as scales:
+        quantizers = [m for m in block.modules() if isinstance(m, Quantizer)]
+        ranges = [getattr(q, name) for q in quantizers for name, kind in q.learnable_parameters().items() if kind == "range"]
+        if ranges:  # the DFQ interval [b1, b2]
+            groups.append({"params": ranges, "lr": cfg.lr_dfq})
+        steps = [(q, name) for q in quantizers for name, kind in q.learnable_parameters().items()
+                 if cfg.learn_act_scales and kind == "step_size" and q.role != "weight"]
+        with learnable_scales(steps) as scales:
             if scales:
                 groups.append({"params": scales, "lr": cfg.lr_act})
             if not groups or cfg.iters == 0:

@@ -6,6 +6,12 @@ under the name its Hydra config uses (``conf/method/<name>.yaml``, key ``name``)
 options, the run's seed and progress flag; checks that the model's architecture adapter gives the method what it
 needs (:meth:`Method.check`); hands it the FP model and the task's calibration data; and evaluates what
 ``quantize`` returns. A method runs the model only through the calibration data's ``forward``.
+
+Where quantizers go is data: :meth:`Method.placement` is the method's role → quantizer table
+(:mod:`ptq_bench.models.placement`), checked when the method is built. The method config key ``quantizers``
+(``method.quantizers={post_gelu: uniform}``, or ``{post_softmax: {name: tanq, granularity: head}}``) replaces
+entries of any method's table with any registered quantizer that can take the role's tensors; it enters the run
+key only when set.
 """
 
 from __future__ import annotations
@@ -14,38 +20,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+from omegaconf import OmegaConf
 from torch import nn
 
 from ptq_bench.architectures import require
+from ptq_bench.bits import BitWidth
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.options import HARNESS_KEYS, identity_options, method_defaults, parse_options
-from ptq_bench.quant.base import validate_bits
+from ptq_bench.models.placement import Placement, QuantizerSpec, check_placement, place_quantizers_, spec_for
 from ptq_bench.registry import Registry
-
-#: Bit-widths a user may ask for (the issue's "impossible bit-width" check).
-USER_BITS = (2, 8)
-
-
-@dataclass(frozen=True)
-class BitWidth:
-    """Weight and activation bit-widths ("W4A4" = BitWidth(4, 4))."""
-
-    w: int
-    a: int
-
-    def __post_init__(self) -> None:
-        for kind, value in (("weight", self.w), ("activation", self.a)):
-            try:
-                validate_bits(value, *USER_BITS)
-            except ConfigError:
-                raise ConfigError(
-                    f"impossible {kind} bit-width {value!r}: must be an integer in {USER_BITS[0]}..{USER_BITS[1]}"
-                ) from None
-
-    @property
-    def label(self) -> str:
-        return f"W{self.w}A{self.a}"
 
 
 @dataclass(frozen=True)
@@ -64,14 +48,63 @@ class Method(ABC):
     Options: ClassVar[type] = NoOptions
     uses_bits: ClassVar[bool] = True
     uses_calibration: ClassVar[bool] = True
+    #: Roles whose quantizer one of the method's own options chooses (role → option): ``quantizers`` leaves them.
+    role_options: ClassVar[Mapping[str, str]] = {}
+    #: False for a recipe that searches the grids of its own quantizer kinds (PTQ4ViT): ``quantizers`` is refused.
+    accepts_quantizers: ClassVar[bool] = True
 
-    def __init__(self, bits: BitWidth, options: Any, seed: int = 0, progress: bool = False) -> None:
+    def __init__(
+        self, bits: BitWidth, options: Any, seed: int = 0, progress: bool = False, quantizers: Mapping[str, Any] | None = None
+    ) -> None:
         if not isinstance(options, self.Options):
             raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(options).__name__}")
         self.bits = bits
         self.options = options
         self.seed = seed
         self.progress = progress
+        self.quantizers = self._parse_quantizers(quantizers or {})
+        if self.uses_calibration:
+            chosen_by = {role: f"method.{option}" for role, option in self.role_options.items()}
+            chosen_by |= {role: f"method.quantizers.{role}" for role in self.quantizers}
+            check_placement(self.quantizer_table(), bits, self.name, self.foldable_roles(), chosen_by)
+
+    def placement(self) -> dict[str, QuantizerSpec | None]:
+        """The method's role → quantizer table (:mod:`ptq_bench.models.placement`); methods that calibrate define it."""
+        raise NotImplementedError(f"method '{self.name}' declares no quantizer placement")
+
+    def foldable_roles(self) -> frozenset[str]:
+        """Roles the method folds with a LayerNorm→Linear reparameterization (their quantizers must be foldable)."""
+        return frozenset()
+
+    def quantizer_table(self) -> Placement:
+        """:meth:`placement` with the run's ``quantizers`` choices applied (each keeps the bit-width of the entry
+        it replaces)."""
+        table = dict(self.placement())
+        for role, (name, options) in self.quantizers.items():
+            replaced = spec_for(table, role)
+            bits = replaced.bits if replaced is not None else ("w" if role == "weight" else "a")
+            table[role] = QuantizerSpec(name, bits, options)
+        return table
+
+    def place_quantizers_(self, model: nn.Module) -> nn.Module:
+        """Swap in the quantized layers with this run's quantizer table."""
+        return place_quantizers_(model, self.quantizer_table(), self.bits)
+
+    def _parse_quantizers(self, chosen: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """``quantizers``: role → quantizer name, or → ``{name: <quantizer>, <option>: <value>, ...}``."""
+        if chosen and not self.accepts_quantizers:
+            raise ConfigError(f"method.quantizers: {self.name} searches the grids of its own quantizers; it takes no other quantizers")
+        parsed = {}
+        for role, value in chosen.items():
+            if role in self.role_options:
+                raise ConfigError(f"method.quantizers.{role}: {self.name} chooses this quantizer with method.{self.role_options[role]}")
+            if isinstance(value, str):
+                parsed[str(role)] = (value, {})
+            elif isinstance(value, Mapping) and isinstance(value.get("name"), str):
+                parsed[str(role)] = (value["name"], {k: v for k, v in value.items() if k != "name"})
+            else:
+                raise ConfigError(f"method.quantizers.{role}={value!r}: a quantizer name, or a mapping with 'name' and its options")
+        return parsed
 
     def needs(self) -> frozenset[str]:
         """What the architecture adapter must provide (:data:`ptq_bench.architectures.NEEDS`)."""
@@ -96,7 +129,8 @@ class Method(ABC):
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (runtime options, and switches while off, left out), for run keys
         and labels (:func:`ptq_bench.methods.options.identity_options`)."""
-        return identity_options(self.options)
+        chosen = {role: {"name": name, **options} if options else name for role, (name, options) in sorted(self.quantizers.items())}
+        return identity_options(self.options) | ({"quantizers": chosen} if chosen else {})  # none: earlier run keys
 
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -108,5 +142,7 @@ def build_method(cfg: Mapping[str, Any] | str, bits: BitWidth, *, seed: int = 0,
     name = str(values.get("name"))
     cls = METHODS.get(name)
     values = {**method_defaults(name), **values, **overrides}
+    quantizers = values.pop("quantizers", None) or {}
+    quantizers = OmegaConf.to_container(quantizers, resolve=True) if OmegaConf.is_config(quantizers) else quantizers
     options = parse_options(cls.Options, {k: v for k, v in values.items() if k not in HARNESS_KEYS}, name)
-    return cls(bits, options, seed=seed, progress=progress)
+    return cls(bits, options, seed=seed, progress=progress, quantizers=quantizers)

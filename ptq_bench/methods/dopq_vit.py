@@ -24,23 +24,18 @@ from torch import nn
 
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
-from ptq_bench.methods.base import METHODS, BitWidth, Method
+from ptq_bench.methods.base import METHODS, Method
 from ptq_bench.methods.options import keyed_when_on
-from ptq_bench.methods.repq_vit import repq_quantizer
-from ptq_bench.models import QuantSite, calibrating, find_blocks, prepare_, set_quantizers_enabled
-from ptq_bench.quant import Quantizer, UniformQuantizer
+from ptq_bench.methods.repq_vit import repq_placement
+from ptq_bench.models import calibrating, find_blocks, set_quantizers_enabled
+from ptq_bench.models.placement import QuantizerSpec
+from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
-from ptq_bench.quant.registry import check_post_softmax
-from ptq_bench.quant.tanq import TanQuantizer
 from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.mosf import mosf_reparameterize_
-from ptq_bench.transforms.reconstruction import (
-    ReconStep,
-    block_outputs,
-    capture_block_inputs,
-    compiled_losses,
-    reconstruct_block,
-)
+from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
+from ptq_bench.transforms.compiled_loss import compiled_losses
+from ptq_bench.transforms.reconstruction import ReconStep, reconstruct_block
 
 
 @dataclass(frozen=True)
@@ -71,12 +66,7 @@ class DopQViTOptions:
 class DopQViT(Method):
     name = "dopq_vit"
     Options = DopQViTOptions
-
-    def __init__(self, bits: BitWidth, options: DopQViTOptions, seed: int = 0, progress: bool = False) -> None:
-        super().__init__(bits, options, seed, progress)
-        check_post_softmax(options.softmax_quantizer, self.name)
-        self.tanq_options = {"alphas": options.tanq_alphas, "centers": options.tanq_centers, "granularity": options.tanq_granularity}
-        TanQuantizer(2, **self.tanq_options)  # validate the TanQ options now, not mid-calibration
+    role_options = {"post_softmax": "softmax_quantizer"}
 
     def needs(self) -> frozenset[str]:
         needs = {"layernorm_pairs"} if self.options.post_norm == "refuse" else set()
@@ -86,12 +76,17 @@ class DopQViT(Method):
     def reconstructs(self) -> bool:
         return self.options.reconstruction and self.options.iters > 0
 
-    def make_quantizer(self, site: QuantSite) -> Quantizer:
-        return repq_quantizer(site, self.bits, self.options.softmax_quantizer, {"tanq": self.tanq_options})
+    def placement(self) -> dict[str, QuantizerSpec | None]:
+        o = self.options
+        tanq = {"alphas": o.tanq_alphas, "centers": o.tanq_centers, "granularity": o.tanq_granularity}
+        return repq_placement(o.softmax_quantizer, {"tanq": tanq})
+
+    def foldable_roles(self) -> frozenset[str]:
+        return frozenset({"post_layernorm"})
 
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         o = self.options
-        prepare_(model, self.make_quantizer)
+        self.place_quantizers_(model)
         with torch.no_grad(), calibrating(model):
             data.run(model, limit=o.init_calib_size)
             with keeps_fp_function(model, data, f"DopQ-ViT {o.scale_factor} reparameterization"):
@@ -131,17 +126,22 @@ def _keep_positive(groups: list[tuple[torch.Tensor, float]]) -> None:
 
 
 class _learnable_step_sizes:
-    """Make the scales of a block's calibrated uniform quantizers trainable (LSQ-style, through round_ste).
+    """Make the step sizes of a block's calibrated quantizers trainable (LSQ-style, through round_ste): every
+    tensor a quantizer declares of kind ``step_size`` (:meth:`Quantizer.learnable_parameters`).
 
-    Yields (scale tensor, its mean magnitude): Adam's step is about its learning rate, so each group's rate is
-    scaled by the magnitude of its scales (a relative learning rate). On exit the scales become plain buffers
+    Yields (step-size tensor, its mean magnitude): Adam's step is about its learning rate, so each group's rate is
+    scaled by the magnitude of its scales (a relative learning rate). On exit the step sizes become plain buffers
     again and the quantized-weight caches are refreshed.
     """
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
-        self.quantizers = [
-            m for m in block.modules() if isinstance(m, UniformQuantizer) and m.calibrated and m.granularity != "token"
+        self.learned = [
+            (m, name)
+            for m in block.modules()
+            if isinstance(m, Quantizer) and m.calibrated
+            for name, kind in m.learnable_parameters().items()
+            if kind == "step_size"
         ]
         self.layers = [m for m in block.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
         self.requires_grad = {id(p): p.requires_grad for p in block.parameters()}
@@ -150,14 +150,15 @@ class _learnable_step_sizes:
         for parameter in self.block.parameters():
             parameter.requires_grad_(False)
         groups = []
-        for quantizer in self.quantizers:
-            quantizer.scale = quantizer.scale.detach().clone().requires_grad_(True)
-            groups.append((quantizer.scale, float(quantizer.scale.detach().abs().mean())))
+        for quantizer, name in self.learned:
+            step = getattr(quantizer, name).detach().clone().requires_grad_(True)
+            setattr(quantizer, name, step)
+            groups.append((step, float(step.detach().abs().mean())))
         return groups
 
     def __exit__(self, *exc: Optional[BaseException]) -> None:
-        for quantizer in self.quantizers:
-            quantizer.scale = quantizer.scale.detach()
+        for quantizer, name in self.learned:
+            setattr(quantizer, name, getattr(quantizer, name).detach())
             quantizer.params_changed()
         for parameter in self.block.parameters():
             parameter.requires_grad_(self.requires_grad[id(parameter)])

@@ -11,8 +11,8 @@ from torch import nn
 
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.methods.base import METHODS, Method
-from ptq_bench.models import QuantSite, calibrating, prepare_
-from ptq_bench.quant import Quantizer, UniformQuantizer
+from ptq_bench.models import calibrating
+from ptq_bench.models.placement import QuantizerSpec
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,17 @@ class MinMax(Method):
     name = "minmax"
     Options = MinMaxOptions
 
-    def make_quantizer(self, site: QuantSite) -> Quantizer:
-        if site.is_weight:
-            return UniformQuantizer(self.bits.w, granularity="channel", channel_dim=0, observer="minmax")
-        bits = self.bits.a
-        if site.role == "patch_embed" and self.options.patch_embed_input_bits is not None:
-            bits = self.options.patch_embed_input_bits
-        return UniformQuantizer(bits, granularity="tensor", observer="minmax")
+    def placement(self) -> dict[str, QuantizerSpec | None]:
+        per_tensor = {"granularity": "tensor", "observer": "minmax"}
+        patch_bits = self.options.patch_embed_input_bits
+        return {
+            "weight": QuantizerSpec("uniform", "w", {"granularity": "channel", "channel_dim": 0, "observer": "minmax"}),
+            "patch_embed": QuantizerSpec("uniform", "a" if patch_bits is None else patch_bits, per_tensor),
+            "activation": QuantizerSpec("uniform", "a", per_tensor),
+        }
 
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
-        prepare_(model, self.make_quantizer)
+        self.place_quantizers_(model)
         with torch.no_grad(), calibrating(model):
             data.run(model)
         return model

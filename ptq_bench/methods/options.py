@@ -11,16 +11,16 @@ identity only when on, so the keys of earlier runs (made with it off) stay valid
 from __future__ import annotations
 
 import dataclasses
-import types
-from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, TypeVar, get_type_hints
 
 from omegaconf import OmegaConf
 
 from ptq_bench.errors import ConfigError
+from ptq_bench.paths import conf_path
+from ptq_bench.typed import coerce
 
 #: Where the method YAMLs live (the defaults of every option).
-METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "method"
+METHOD_CONFIGS = conf_path("method")
 #: Keys of a method config that are not options of the method itself.
 HARNESS_KEYS = ("name", "calib_size")
 
@@ -68,62 +68,5 @@ def parse_options(options_cls: type[T], values: Mapping[str, Any], method: str) 
     if missing:
         raise ConfigError(f"method '{method}' is missing option(s) {', '.join(missing)} (set them in conf/method/{method}.yaml)")
     hints = get_type_hints(options_cls)
-    parsed = {name: _coerce(values[name], hints[name], f"method.{name}") for name in fields}
+    parsed = {name: coerce(values[name], hints[name], f"method.{name}") for name in fields}
     return options_cls(**parsed)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """``value`` checked against the type ``hint`` (ints stay ints, floats accept ints, sequences become tuples)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, args))}")
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in args:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r}: expected {_describe(hint)}")
-    if origin is tuple:
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        items = list(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in items)
-        if len(items) != len(args):
-            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
-        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
-    if hint is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}={value!r}: expected null")
-        return None
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a string")
-        return value
-    raise TypeError(f"unsupported option type {hint!r} for {key}")
-
-
-def _describe(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return " | ".join(map(str, args))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(hint, str(hint))

@@ -65,10 +65,9 @@ from ptq_bench.methods.ptq4vit_search import (
     search_linear,
     search_matmul,
 )
-from ptq_bench.models import QuantSite, prepare_
-from ptq_bench.quant import Quantizer, UniformQuantizer
+from ptq_bench.models import set_quantizers_enabled
+from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
-from ptq_bench.quant.twin_uniform import TwinGeluQuantizer, TwinSoftmaxQuantizer
 
 
 @dataclass(frozen=True)
@@ -102,29 +101,26 @@ class PTQ4ViT(Method):
 
     name = "ptq4vit"
     Options = PTQ4ViTOptions
+    accepts_quantizers = False
 
     # ------------------------------------------------------------------------------------------ quantizers
 
-    def make_quantizer(self, site: QuantSite) -> Quantizer | None:
-        """Quantizer of one site, created disabled (the model stays FP until every layer is searched)."""
-        quantizer = self._quantizer_for(site)
-        if quantizer is not None:
-            quantizer.enabled = False
-        return quantizer
-
-    def _quantizer_for(self, site: QuantSite) -> Quantizer | None:
-        w, a = self.bits.w, self.bits.a
-        if site.is_weight:
-            return UniformQuantizer(w, symmetric=True, granularity="channel", channel_dim=0)
-        if site.role in ("patch_embed", "conv"):
-            return None  # a_bit=32: the conv input is not quantized
-        if site.role == "post_gelu" and self.options.twin_gelu:
-            return TwinGeluQuantizer(a)
-        if site.role == "post_softmax" and self.options.twin_softmax:
-            return TwinSoftmaxQuantizer(a)
-        if site.role in ("query", "key", "value", "post_softmax"):
-            return UniformQuantizer(a, symmetric=True, granularity="channel", channel_dim=1)  # one scale per head
-        return UniformQuantizer(a, symmetric=True, granularity="tensor")
+    def placement(self) -> dict[str, QuantizerSpec | None]:
+        """Symmetric uniform grids, per output channel for weights and per head for Q, K, V (and a uniform
+        post-Softmax map); the twin grids where switched on; the patch-embedding input stays FP (a_bit=32)."""
+        per_head = QuantizerSpec("uniform", "a", {"symmetric": True, "granularity": "channel", "channel_dim": 1})
+        per_tensor = QuantizerSpec("uniform", "a", {"symmetric": True, "granularity": "tensor"})
+        return {
+            "weight": QuantizerSpec("uniform", "w", {"symmetric": True, "granularity": "channel", "channel_dim": 0}),
+            "patch_embed": None,
+            "conv": None,
+            "post_gelu": QuantizerSpec("twin_gelu") if self.options.twin_gelu else per_tensor,
+            "post_softmax": QuantizerSpec("twin_softmax") if self.options.twin_softmax else per_head,
+            "query": per_head,
+            "key": per_head,
+            "value": per_head,
+            "activation": per_tensor,
+        }
 
     # ------------------------------------------------------------------------------------------ pipeline
 
@@ -136,7 +132,8 @@ class PTQ4ViT(Method):
             raise ConfigError(f"{self.name} metric=hessian needs a task whose forward returns class logits (use metric=cosine)")
         model.eval()
         qkv = {id(m) for m in architecture_for(model).qkv_linears(model)}
-        prepare_(model, self.make_quantizer)
+        self.place_quantizers_(model)
+        set_quantizers_enabled(model, False)  # the model stays FP until every layer is searched
         layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))]
         targets = soft_targets(model, data) if need_grad else None
         settings = SearchSettings(
@@ -152,10 +149,7 @@ class PTQ4ViT(Method):
             records = record_layers(model, group, data, targets, self.options.grad_batch_size)
             for name, layer in group:
                 self._calibrate_layer(layer, records.pop(name), settings, groups=3 if id(layer) in qkv else 1)
-        for _, layer in layers:
-            for quantizer in layer.modules():
-                if isinstance(quantizer, Quantizer):
-                    quantizer.enabled = True
+        set_quantizers_enabled(model, True)
         return model
 
     def _calibrate_layer(self, layer: nn.Module, record: Recording, settings: SearchSettings, groups: int) -> None:

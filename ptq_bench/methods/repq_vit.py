@@ -31,16 +31,15 @@ uniform quantizer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 
 from ptq_bench.calibration import CalibrationData
-from ptq_bench.methods.base import METHODS, BitWidth, Method
-from ptq_bench.models import QuantSite, calibrating, prepare_
-from ptq_bench.quant import Quantizer, UniformQuantizer
-from ptq_bench.quant.registry import check_post_softmax, post_softmax_quantizer
+from ptq_bench.methods.base import METHODS, Method
+from ptq_bench.models import calibrating
+from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
 from ptq_bench.transforms.invariants import keeps_fp_function
 
@@ -54,36 +53,40 @@ class RepQViTOptions:
     post_norm: Literal["refuse", "skip"]  # skip: no fold in blocks that are not pre-norm (per-tensor inputs there)
 
 
-def repq_quantizer(site: QuantSite, bits: BitWidth, softmax_quantizer: str, softmax_options: dict | None = None) -> Quantizer:
-    """RepQ-ViT's quantizer of one site, with ``softmax_quantizer`` on the post-Softmax map (DopQ-ViT reuses it)."""
-    if site.is_weight:
-        return UniformQuantizer(bits.w, granularity="channel", channel_dim=0, observer="percentile")
-    if site.role == "post_layernorm":
-        return UniformQuantizer(bits.a, granularity="channel", channel_dim=-1, observer="percentile")
-    if site.role == "post_softmax":
-        uniform = {"granularity": "tensor", "observer": "percentile"}
-        return post_softmax_quantizer(softmax_quantizer, bits.a, {"uniform": uniform, **(softmax_options or {})})
-    return UniformQuantizer(PATCH_EMBED_INPUT_BITS if site.role == "patch_embed" else bits.a, granularity="tensor", observer="percentile")
+def repq_placement(softmax_quantizer: str, softmax_options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, QuantizerSpec | None]:
+    """RepQ-ViT's quantizer table, with ``softmax_quantizer`` on the post-Softmax map built with
+    ``softmax_options[softmax_quantizer]`` (DopQ-ViT reuses it); a uniform post-Softmax quantizer is per tensor and
+    percentile-searched like the other activations."""
+    percentile = {"observer": "percentile"}
+    per_tensor = {"granularity": "tensor", **percentile}
+    options = {"uniform": per_tensor, **(softmax_options or {})}
+    return {
+        "weight": QuantizerSpec("uniform", "w", {"granularity": "channel", "channel_dim": 0, **percentile}),
+        "post_layernorm": QuantizerSpec("uniform", "a", {"granularity": "channel", "channel_dim": -1, **percentile}),
+        "post_softmax": QuantizerSpec(softmax_quantizer, "a", options.get(softmax_quantizer, {})),
+        "patch_embed": QuantizerSpec("uniform", PATCH_EMBED_INPUT_BITS, per_tensor),
+        "activation": QuantizerSpec("uniform", "a", per_tensor),
+    }
 
 
 @METHODS.register("repq_vit")
 class RepQViT(Method):
     name = "repq_vit"
     Options = RepQViTOptions
-
-    def __init__(self, bits: BitWidth, options: RepQViTOptions, seed: int = 0, progress: bool = False) -> None:
-        super().__init__(bits, options, seed, progress)
-        check_post_softmax(options.softmax_quantizer, self.name)
+    role_options = {"post_softmax": "softmax_quantizer"}
 
     def needs(self) -> frozenset[str]:
         return frozenset({"layernorm_pairs"} if self.options.post_norm == "refuse" else set())
 
-    def make_quantizer(self, site: QuantSite) -> Quantizer:
-        return repq_quantizer(site, self.bits, self.options.softmax_quantizer)
+    def placement(self) -> dict[str, QuantizerSpec | None]:
+        return repq_placement(self.options.softmax_quantizer)
+
+    def foldable_roles(self) -> frozenset[str]:
+        return frozenset({"post_layernorm"})
 
     @torch.no_grad()
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
-        prepare_(model, self.make_quantizer)
+        self.place_quantizers_(model)
         with calibrating(model):
             data.run(model)  # one forward of the whole calibration set, as the official code does
             with keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization"):

@@ -26,7 +26,7 @@ from ptq_bench.errors import CheckpointError, ConfigError, NumericalError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # the order model.checkpoint_dir looks in
 #: Keys under which training frameworks nest the state dict (timm/DeiT "model", others "state_dict").
 NESTED_KEYS = ("model", "state_dict", "model_ema")
 #: Values of ``model.weights``: null (a checkpoint, ``pretrained`` or random init) or ``builder``.

@@ -14,13 +14,13 @@ minimizes the squared error of the map (``init="mse"``).
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ptq_bench.errors import ConfigError
-from ptq_bench.quant.base import Quantizer, round_ste
+from ptq_bench.quant.base import QuantGrid, Quantizer, round_ste
 from ptq_bench.quant.registry import QUANTIZERS
 from ptq_bench.quant.ste import uniform_ste
 
@@ -31,21 +31,30 @@ Below = Literal["b1", "zero"]
 MIN_WIDTH = 1e-4
 
 
+@dataclass(frozen=True)
+class DFQOptions:
+    """``init``: b2's start (``mse`` search over ``grid_size`` fractions of the maximum, or the maximum);
+    ``below``: what x < b1 de-quantizes to (``b1``: code 0 of the grid, ≈ b1; ``zero``: exactly 0). Harness
+    readings, see the module docstring."""
+
+    init: Init = "mse"
+    below: Below = "b1"
+    grid_size: int = 100
+
+
 @QUANTIZERS.register("dfq")
 class DynamicFocusingQuantizer(Quantizer):
     """Uniform quantizer on a learnable sub-interval [b1, b2] of [0, 1], clamping outside (AIQViT Eq. 15)."""
 
-    post_softmax = True
+    Options = DFQOptions
+    capabilities = frozenset({"post_softmax"})
 
-    def __init__(self, bits: int, init: Init = "mse", below: Below = "b1", grid_size: int = 100) -> None:
-        super().__init__(bits)
-        if init not in ("max", "mse"):
-            raise ConfigError(f"unknown DFQ init '{init}' (max, mse)")
-        if below not in ("b1", "zero"):
-            raise ConfigError(f"unknown DFQ below-interval mapping '{below}' (b1, zero)")
-        self.init = init
-        self.below = below
-        self.grid_size = grid_size
+    def __init__(self, bits: int, **options: Any) -> None:
+        super().__init__(bits, **options)
+        o: DFQOptions = self.options
+        self.init = o.init
+        self.below = o.below
+        self.grid_size = o.grid_size
         self.b1 = nn.Parameter(torch.zeros(()))
         self.b2 = nn.Parameter(torch.ones(()))
 
@@ -81,6 +90,20 @@ class DynamicFocusingQuantizer(Quantizer):
         with torch.no_grad():
             self.b1.zero_()
             self.b2.copy_(high)
+
+    def learnable_parameters(self) -> dict[str, str]:
+        return {"b1": "range", "b2": "range"}
+
+    @torch.no_grad()
+    def export(self) -> QuantGrid:
+        b1, b2 = self.interval()
+        scale = (b2 - b1) / self.qmax
+        zero_point = torch.round(-b1 / scale)
+        if self.below == "b1":
+            return QuantGrid("affine", self.bits, scale.clone(), zero_point.clone(), 0, self.qmax)
+        levels = (torch.arange(self.levels, dtype=scale.dtype, device=scale.device) - zero_point) * scale
+        return QuantGrid("non_uniform", self.bits, levels=torch.cat([levels.new_zeros(1), levels]),
+                         note="affine grid on [b1, b2] and an exact 0 below b1")
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         b1, b2 = self.interval()

@@ -22,28 +22,37 @@ from __future__ import annotations
 import functools
 import math
 from abc import abstractmethod
-from typing import ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ptq_bench.quant.base import Quantizer
+from ptq_bench.quant.base import QuantGrid, Quantizer
 from ptq_bench.quant.observers import REPQ_PERCENTILES, rowwise_quantiles
 from ptq_bench.quant.registry import QUANTIZERS
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """``percentiles``: the candidate quantiles for δ (RepQ-ViT's three)."""
+
+    percentiles: tuple[float, ...] = REPQ_PERCENTILES
 
 
 class _LogQuantizer(Quantizer):
     """Shared part: the per-tensor scale ``scale`` (δ) and its percentile search."""
 
-    post_softmax = True
+    Options = LogOptions
+    capabilities = frozenset({"post_softmax", "log_domain"})
 
     #: exponent steps per octave: 1 for log2, 2 for log√2
     steps_per_octave: ClassVar[int]
     base: ClassVar[str]
 
-    def __init__(self, bits: int, percentiles: Sequence[float] = REPQ_PERCENTILES) -> None:
-        super().__init__(bits)
-        self.percentiles = tuple(percentiles)
+    def __init__(self, bits: int, **options: Any) -> None:
+        super().__init__(bits, **options)
+        self.percentiles = self.options.percentiles
         self.register_buffer("scale", torch.ones(()))
 
     def calibrate(self, x: torch.Tensor) -> None:
@@ -103,6 +112,11 @@ class _LogQuantizer(Quantizer):
     @abstractmethod
     def _level_value(q: torch.Tensor) -> torch.Tensor:
         """Level value of exponent q on a grid with δ = 1."""
+
+    def export(self) -> QuantGrid:
+        levels = level_table(type(self), self.bits, self.scale.dtype, self.scale.device) * self.scale
+        return QuantGrid("non_uniform", self.bits, scale=self.scale.detach().clone(), levels=levels.flip(0),
+                         note=f"log base {self.base}: δ·level(q), q = 0..2^b-1, and 0 below the grid")
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

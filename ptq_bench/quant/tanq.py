@@ -18,18 +18,16 @@ smallest mean |x − x̂|^p over a candidate grid, evaluated for all candidates 
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import torch
 
 from ptq_bench.errors import ConfigError
-from ptq_bench.quant.base import Quantizer, round_ste
+from ptq_bench.quant.base import QuantGrid, Quantizer, round_ste
 from ptq_bench.quant.registry import QUANTIZERS
 from ptq_bench.quant.ste import tangent_ste
 
-#: Default shape candidates: α in (0, π) and the symmetric inflection point c = 1/2 (harness choice).
-DEFAULT_ALPHAS = tuple(round(0.25 * k, 2) for k in range(1, 13))  # 0.25 … 3.0
-DEFAULT_CENTERS = (0.5,)
 _HALF_PI_MARGIN = 1e-3  # keep |θ| < π/2 so tan stays finite
 
 
@@ -71,35 +69,37 @@ def candidate_thetas(alphas: Sequence[float], centers: Sequence[float]) -> tuple
     return th[:, 0], th[:, 1]
 
 
+@dataclass(frozen=True)
+class TanQOptions:
+    """The (α, c) candidates (harness choice: α in (0, π) by 0.25, the symmetric inflection point c = 1/2),
+    ``granularity`` ``tensor`` (one shape) or ``head`` (one per index of ``head_dim``, dim 1 of a ``(B, H, N, N)``
+    map), ``p`` the exponent of the calibration error, ``chunk_elements`` the size of the candidates × values block
+    evaluated at once (memory only)."""
+
+    alphas: tuple[float, ...] = tuple(round(0.25 * k, 2) for k in range(1, 13))  # 0.25 … 3.0
+    centers: tuple[float, ...] = (0.5,)
+    granularity: Literal["tensor", "head"] = "tensor"
+    head_dim: int = 1
+    p: float = 2.0
+    chunk_elements: int = 2**25
+
+
 @QUANTIZERS.register("tanq")
 class TanQuantizer(Quantizer):
-    """Tangent quantizer for values in [0, 1] (post-Softmax attention); see the module docstring.
+    """Tangent quantizer for values in [0, 1] (post-Softmax attention); see the module docstring and
+    :class:`TanQOptions`."""
 
-    granularity ``tensor``: one (α, c) for the whole tensor; ``head``: one per index of ``head_dim`` (dim 1 of a
-    ``(B, H, N, N)`` attention map). ``p`` is the exponent of the calibration error; ``chunk_elements`` bounds the
-    size of the candidates × values block evaluated at once.
-    """
+    Options = TanQOptions
+    capabilities = frozenset({"post_softmax"})
 
-    post_softmax = True
-
-    def __init__(
-        self,
-        bits: int,
-        alphas: Sequence[float] = DEFAULT_ALPHAS,
-        centers: Sequence[float] = DEFAULT_CENTERS,
-        granularity: Literal["tensor", "head"] = "tensor",
-        head_dim: int = 1,
-        p: float = 2.0,
-        chunk_elements: int = 2**25,
-    ) -> None:
-        super().__init__(bits)
-        if granularity not in ("tensor", "head"):
-            raise ConfigError(f"tanq: unknown granularity '{granularity}' (tensor, head)")
-        self.granularity = granularity
-        self.head_dim = head_dim
-        self.p = p
-        self.chunk_elements = chunk_elements
-        theta0, theta1 = candidate_thetas(alphas, centers)
+    def __init__(self, bits: int, **options: Any) -> None:
+        super().__init__(bits, **options)
+        o: TanQOptions = self.options
+        self.granularity = o.granularity
+        self.head_dim = o.head_dim
+        self.p = o.p
+        self.chunk_elements = o.chunk_elements
+        theta0, theta1 = candidate_thetas(o.alphas, o.centers)
         self.register_buffer("candidates0", theta0, persistent=False)
         self.register_buffer("candidates1", theta1, persistent=False)
         self.register_buffer("theta0", torch.tensor(-0.5))
@@ -148,6 +148,14 @@ class TanQuantizer(Quantizer):
         if torch.is_grad_enabled() and x.requires_grad and not (theta0.requires_grad or theta1.requires_grad):
             return tangent_ste(x, theta0, theta1, self.bits)  # same values, one autograd node (ptq_bench/quant/ste.py)
         return tan_fake_quant(x, theta0, theta1, self.bits)
+
+    @torch.no_grad()
+    def export(self) -> QuantGrid:
+        axis = None if self.granularity == "tensor" else self.head_dim
+        # each level as the forward computes it (q/(2^b-1) through arctan), not linspace's rounding
+        levels = tan_fake_quant(self.grid(), self.theta0.unsqueeze(-1), self.theta1.unsqueeze(-1), self.bits, ste=False)
+        return QuantGrid("non_uniform", self.bits, levels=levels, axis=axis,
+                         note="tangent-companded levels in [0, 1]")
 
     def grid(self) -> torch.Tensor:
         """Reconstruction levels, shape ``theta0.shape + (2^b,)`` (one row per group for ``head``)."""

@@ -24,7 +24,7 @@ from typing import Union
 
 import torch
 
-from ptq_bench.quant.base import Quantizer
+from ptq_bench.quant.base import QuantGrid, Quantizer
 from ptq_bench.quant.registry import QUANTIZERS
 
 #: |min_x GELU(x)|, the constant of the official post-GELU negative range.
@@ -73,7 +73,7 @@ def twin_gelu_quant(x: torch.Tensor, interval: Param, bits: int) -> torch.Tensor
 class TwinSoftmaxQuantizer(Quantizer):
     """Post-Softmax twin-uniform quantizer; one split point per tensor (buffer ``split``)."""
 
-    post_softmax = True
+    capabilities = frozenset({"post_softmax"})
 
     #: Split used when calibrated lazily (the official non-batching ``SoSPTQSLQuantMatMul`` initialisation).
     DEFAULT_SPLIT = 0.01
@@ -94,6 +94,15 @@ class TwinSoftmaxQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return twin_softmax_quant(x, self.split, self.bits)
 
+    @torch.no_grad()
+    def export(self) -> QuantGrid:
+        levels = signed_qmax(self.bits) - 1
+        steps = torch.arange(levels + 1, dtype=self.split.dtype, device=self.split.device)
+        # every output value is attained on a grid point of either range (or the split itself)
+        points = torch.cat([steps * (self.split / levels), steps / levels, self.split.reshape(1)])
+        return QuantGrid("non_uniform", self.bits, levels=torch.unique(twin_softmax_quant(points, self.split, self.bits)),
+                         note="twin uniform: step split/(2^(b-1)-1) below the split, 1/(2^(b-1)-1) above")
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, split={float(self.split):.6g}"
 
@@ -105,6 +114,8 @@ class TwinGeluQuantizer(Quantizer):
     Lazy calibration uses the official initialisation, max(x)/(qmax-0.5)
     (``PostGeluPTQSLBatchingQuantLinear._initialize_intervals``).
     """
+
+    capabilities = frozenset({"post_gelu"})
 
     def __init__(self, bits: int) -> None:
         super().__init__(bits)
@@ -121,6 +132,14 @@ class TwinGeluQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return twin_gelu_quant(x, self.interval, self.bits)
+
+    @torch.no_grad()
+    def export(self) -> QuantGrid:
+        qmax = signed_qmax(self.bits)
+        positive = torch.arange(qmax, dtype=self.interval.dtype, device=self.interval.device) * self.interval
+        negative = torch.arange(-qmax, 0, dtype=self.interval.dtype, device=self.interval.device) * gelu_negative_interval(self.bits)
+        return QuantGrid("non_uniform", self.bits, levels=torch.cat([negative, positive]),
+                         note="twin uniform: fixed step below 0, searched step above")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, interval={float(self.interval):.6g}"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from ptq_bench.errors import ConfigError
-from ptq_bench.quant.base import Quantizer, round_ste
+from ptq_bench.quant.base import QuantGrid, Quantizer, round_ste
 from ptq_bench.quant.observers import OBSERVERS, affine_params, grid_bounds
 from ptq_bench.quant.registry import QUANTIZERS
 from ptq_bench.quant.ste import uniform_ste
@@ -46,6 +46,16 @@ def _integer_shift_is_exact(zero_point: torch.Tensor, qmin: int, qmax: int) -> b
     return torch.equal(zero_point, torch.round(zero_point)) and zero_point.abs().max().item() + max(-qmin, qmax) <= limit
 
 
+@dataclass(frozen=True)
+class UniformOptions:
+    """``granularity``: see :class:`UniformQuantizer`; ``observer``: a name of :data:`OBSERVERS` (the range fit)."""
+
+    symmetric: bool = False
+    granularity: Granularity = "tensor"
+    channel_dim: int = -1
+    observer: str = "minmax"
+
+
 @QUANTIZERS.register("uniform")
 class UniformQuantizer(Quantizer):
     """x̂ = (clamp(round(x/s) + z, qmin, qmax) - z) · s.
@@ -57,27 +67,18 @@ class UniformQuantizer(Quantizer):
       * ``token``: dynamic min-max per token (every index except the last dimension), recomputed each call.
     """
 
-    post_softmax = True
+    Options = UniformOptions
+    capabilities = frozenset({"signed", "post_softmax", "post_gelu"})
 
-    def __init__(
-        self,
-        bits: int,
-        symmetric: bool = False,
-        granularity: Granularity = "tensor",
-        channel_dim: int = -1,
-        observer: str = "minmax",
-        observer_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(bits)
-        if granularity not in ("tensor", "channel", "token"):
-            raise ConfigError(f"unknown granularity '{granularity}' (tensor, channel, token)")
-        self.symmetric = symmetric
-        self.granularity = granularity
-        self.channel_dim = channel_dim
-        self.observer_name = observer
-        self.observer = OBSERVERS.get(observer)
-        self.observer_kwargs = dict(observer_kwargs or {})
-        self.qmin, self.qmax = grid_bounds(bits, symmetric)
+    def __init__(self, bits: int, **options: Any) -> None:
+        super().__init__(bits, **options)
+        o: UniformOptions = self.options
+        self.symmetric = o.symmetric
+        self.granularity = o.granularity  # a reparameterization may fold "channel" into "tensor"
+        self.channel_dim = o.channel_dim
+        self.observer_name = o.observer
+        self.observer = OBSERVERS.get(o.observer)
+        self.qmin, self.qmax = grid_bounds(bits, o.symmetric)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
 
@@ -96,7 +97,7 @@ class UniformQuantizer(Quantizer):
     def calibrate(self, x: torch.Tensor) -> None:
         if self.granularity == "token":
             return  # dynamic: nothing to fit ahead of time
-        low, high = self.observer(self._rows(x.float()), self.bits, self.symmetric, **self.observer_kwargs)
+        low, high = self.observer(self._rows(x.float()), self.bits, self.symmetric)
         scale, zero_point = affine_params(low, high, self.bits, self.symmetric)
         if self.granularity == "tensor":
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -111,6 +112,26 @@ class UniformQuantizer(Quantizer):
         self.zero_point = zero_point.detach().clone().to(self.scale.device)
         self.calibrated = True
         self.params_changed()
+
+    def fold_to_tensor_(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Become per tensor with (``scale``, ``zero_point``) (a folded LayerNorm→Linear reparameterization)."""
+        self.granularity = "tensor"
+        self.set_params(scale.reshape(()), zero_point.reshape(()))
+
+    @property
+    def foldable(self) -> bool:
+        return self.granularity == "channel" and self.channel_dim == -1
+
+    def learnable_parameters(self) -> dict[str, str]:
+        return {} if self.granularity == "token" else {"scale": "step_size"}
+
+    def export(self) -> QuantGrid:
+        if self.granularity == "token":
+            return QuantGrid("dynamic_affine", self.bits, qmin=self.qmin, qmax=self.qmax, axis=-1,
+                             note="per-token min-max computed at run time")
+        axis = None if self.granularity == "tensor" else self.channel_dim
+        return QuantGrid("affine", self.bits, self.scale.detach().clone(), self.zero_point.detach().clone(),
+                         self.qmin, self.qmax, axis)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.granularity == "token":

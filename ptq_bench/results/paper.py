@@ -21,9 +21,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ptq_bench.errors import ConfigError
+from ptq_bench.paths import conf_path
+from ptq_bench.results.formatting import format_value, text
+from ptq_bench.results.report import aggregate, records_frame
 from ptq_bench.results.published import METHOD_ALIASES, Published, candidates, choose, load_published
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "conf" / "paper"
+SPEC_DIR = conf_path("paper")
 FP_BITS = "32/32"
 METRIC_NAMES = {"top1": "top-1 (%)", "bbox_mAP": "box AP (%)", "segm_mAP": "mask AP (%)"}
 ORIENTATIONS = ("models_as_columns", "models_as_rows", "bits_as_columns")
@@ -119,8 +122,6 @@ def load_spec(name: str, directory: Path = SPEC_DIR) -> TableSpec:
 
 
 def _parse(name: str, raw: dict[str, Any]) -> TableSpec:
-    from ptq_bench.methods import METHODS
-
     columns = tuple(Column(str(c["name"]), str(c.get("published", c["name"])), c.get("model")) for c in raw["models"])
     names = {c.name for c in columns}
     blocks = []
@@ -132,7 +133,7 @@ def _parse(name: str, raw: dict[str, Any]) -> TableSpec:
         rows = []
         for row in block["rows"]:
             run = row.get("run")
-            if run is not None and str(run) not in METHODS:
+            if run is not None and not conf_path("method", f"{run}.yaml").is_file():
                 raise ValueError(f"row '{row['label']}': no method '{run}'")
             default = METHOD_ALIASES[run][0] if run in METHOD_ALIASES else str(row["label"])
             models = tuple(row["models"]) if row.get("models") is not None else None
@@ -182,20 +183,7 @@ def _published(spec: TableSpec, table: pd.DataFrame, block: Block, row: Row, col
 
 
 def _options_label(options: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={_text(v)}" for k, v in sorted(options.items()))
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_text(v) for v in value) + "]"
-    return str(value)
-
-
-def format_value(mean: float, std: float | None, n: int, digits: int = 2) -> str:
-    """``mean`` alone for one run, ``mean ± std (n=k)`` for several seeds."""
-    if n <= 1 or std is None or math.isnan(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
+    return ", ".join(f"{k}={text(v)}" for k, v in sorted(options.items()))
 
 
 def layout(spec: TableSpec, cells: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -425,8 +413,6 @@ def plot_spec(spec: TableSpec, cells: pd.DataFrame, path: Path) -> Path | None:
 def regenerate(spec: TableSpec, records: Iterable[Mapping[str, Any]], out_dir: Path, name: str | None = None,
                published: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Lay ``spec`` out from ``records`` and write it; returns the long cell frame and the written paths."""
-    from ptq_bench.results.report import aggregate, records_frame
-
     published = load_published() if published is None else published
     frame = records_frame(records, published)
     frame = frame[frame["task"] == spec.task] if not frame.empty else frame

@@ -13,7 +13,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from ptq_bench.results.paper import format_value
+from ptq_bench.bits import bits_label
+from ptq_bench.results.formatting import format_value, text
 from ptq_bench.results.published import load_published, published_value
 
 log = logging.getLogger(__name__)
@@ -28,44 +29,17 @@ METRIC_LABELS = {
 }
 
 
-def user_options(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The record's method options (``calib_size`` included) that differ from its method's YAML, the paper's
-    values, leaving out those only the budget changed; {} for records that keep only the method name."""
-    from ptq_bench.protocol import option_changes, same_value
-
-    method = record["method"]
-    if len(method) <= 1:
-        return {}
-    changes = option_changes(str(method["name"]), method)
-    budget = (record.get("protocol") or {}).get("budget_changes") or {}
-    for key, (before, _after) in budget.items():
-        if key in changes and same_value(before, _yaml_value(str(method["name"]), key)):
-            del changes[key]
-    return changes
-
-
-def _yaml_value(name: str, key: str) -> Any:
-    from ptq_bench.methods.options import method_defaults
-
-    try:
-        return method_defaults(name).get(key)
-    except Exception:  # noqa: BLE001 - a method renamed or removed since the record
-        return None
-
-
 def options_label(record: Mapping[str, Any]) -> str:
-    """``key=value, ...`` of the options the record's run chose over the paper's (sorted), "" when none."""
-    if len(record["method"]) > 1:
-        return ", ".join(f"{k}={_text(v)}" for k, v in sorted(user_options(record).items()))
-    extras = [o.lstrip("+~").removeprefix("method.") for o in record.get("method_overrides", [])
-              if not o.lstrip("+~").startswith("method.calib_size")]
-    return ", ".join(sorted(extras))
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_text(v) for v in value) + "]"
-    return str(value)
+    """``key=value, ...`` of the options the record's run chose over the paper's (sorted), "" when none: the
+    ``option_changes`` the harness stored. Records written before it stored them: the method options given on the
+    command line or per method (``method_overrides``, ``protocol.method_options``), as the record lists them."""
+    changes = record.get("option_changes")
+    if isinstance(changes, Mapping):
+        return ", ".join(f"{k}={text(v)}" for k, v in sorted(changes.items()))
+    given = [o.lstrip("+~").removeprefix("method.") for o in record.get("method_overrides", [])
+             if o.lstrip("+~").startswith("method.") and not o.lstrip("+~").startswith("method.calib_size")]
+    given += [f"{k}={text(v)}" for k, v in ((record.get("protocol") or {}).get("method_options") or {}).items()]
+    return ", ".join(sorted(given))
 
 
 def protocol_label(record: Mapping[str, Any]) -> str:
@@ -88,8 +62,6 @@ def method_label(record: Mapping[str, Any]) -> str:
     ``aiqvit [rank=20; budget=smoke: calib_size=32, iters=20]``."""
     extras = "; ".join(p for p in (options_label(record), protocol_label(record)) if p)
     name = str(record["method"]["name"])
-    if not extras and record.get("method_label") and len(record["method"]) <= 1:
-        return str(record["method_label"])
     return f"{name} [{extras}]" if extras else name
 
 
@@ -98,7 +70,7 @@ def _variant(record: Mapping[str, Any]) -> dict[str, str]:
     data = dict((record.get("config") or {}).get("data") or {})
     for key in ("root", "workers", "max_eval_images"):
         data.pop(key, None)
-    variant = {f"data.{k}": _text(v) for k, v in data.items()}
+    variant = {f"data.{k}": text(v) for k, v in data.items()}
     if record["model"].get("weights_sha256"):
         variant["weights"] = str(record["model"]["weights_sha256"])[:8]
     return variant
@@ -143,7 +115,7 @@ def records_frame(
             "method_name": str(record["method"]["name"]),
             "options": options_label(record),
             "protocol": protocol_label(record),
-            "bits": f"W{wbits}A{abits}" if bits else "32/32",
+            "bits": bits_label(wbits, abits) if bits else "32/32",
             "wbits": wbits or 32,
             "model": model,
             "model_name": str(record["model"]["name"]),

@@ -30,7 +30,7 @@ REQUIRED_FIELDS: dict[str, type] = {"run_key": str, "task": str, "model": dict, 
                                     "timings": dict}
 #: Fields the report reads when present (``bits``, null for FP runs, is checked apart): absent or of this type.
 OPTIONAL_FIELDS: dict[str, type] = {"primary_metric": str, "method_label": str, "method_overrides": list,
-                                    "config": dict, "created": str}
+                                    "option_changes": dict, "config": dict, "created": str}
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from torch import nn
 from ptq_bench.errors import ConfigError
 from ptq_bench.models.prepare import layernorm_linear_pairs
 from ptq_bench.quant.layers import QuantLinear
-from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.reparam import TargetFn, mean_target, reparameterize_layernorm_
 
 Compensation = Literal["mad", "all", "none"]
@@ -122,7 +121,7 @@ def mosf_reparameterize_(
     targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for pair in layernorm_linear_pairs(model, skip_post_norm):
         quantizer = getattr(pair.linears[0], "input_quantizer", None) if len(pair.linears) == 1 else None
-        if not isinstance(quantizer, UniformQuantizer) or quantizer.granularity != "channel" or not quantizer.calibrated:
+        if quantizer is None or not quantizer.foldable or not quantizer.calibrated:
             continue  # reparameterize_layernorm_ reports the exact problem
         scales, zero_points = quantizer.scale.reshape(-1), quantizer.zero_point.reshape(-1)
         target = rule_fn(scales, zero_points)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ptq_bench.models.prepare import layernorm_linear_pairs
 from ptq_bench.quant.layers import QuantLinear
-from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.quant.base import Quantizer
 
 TargetFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,12 +59,12 @@ def _fold_into_linear_(linear: nn.Linear, ratio: torch.Tensor, shift: torch.Tens
         linear.bias.data = linear.bias.data + compensation
 
 
-def _channel_quantizer(linear: nn.Module, norm_name: str) -> UniformQuantizer:
+def _channel_quantizer(linear: nn.Module, norm_name: str) -> Quantizer:
     quantizer = getattr(linear, "input_quantizer", None)
-    if not isinstance(linear, QuantLinear) or not isinstance(quantizer, UniformQuantizer):
-        raise ValueError(f"the Linear after {norm_name} needs a uniform input quantizer (prepare the model first)")
-    if quantizer.granularity != "channel" or quantizer.channel_dim != -1:
-        raise ValueError(f"the input quantizer after {norm_name} must be per channel (last dim)")
+    if not isinstance(linear, QuantLinear) or quantizer is None:
+        raise ValueError(f"the Linear after {norm_name} needs an input quantizer (prepare the model first)")
+    if not quantizer.foldable:
+        raise ValueError(f"the input quantizer after {norm_name} must be a uniform grid per channel (last dim)")
     if not quantizer.calibrated:
         raise ValueError(f"the input quantizer after {norm_name} is not calibrated yet")
     return quantizer
@@ -91,8 +91,7 @@ def reparameterize_layernorm_(model: nn.Module, target_fn: TargetFn = mean_targe
         ratio, shift = channel_transform(scales, zero_points, target_scale, target_zero_point)
         _fold_into_layernorm_(pair.norm, ratio, shift)
         _fold_into_linear_(linear, ratio, shift)
-        quantizer.granularity = "tensor"
-        quantizer.set_params(target_scale.reshape(()), target_zero_point.reshape(()))
+        quantizer.fold_to_tensor_(target_scale, target_zero_point)
         linear.refresh_weight()
         if linear.weight_quantizer is not None:
             linear.weight_quantizer.reset()
