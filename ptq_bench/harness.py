@@ -153,6 +153,7 @@ def build_record(
         "bits": {"w": bits.w, "a": bits.a, "label": bits.label} if method.uses_bits else None,
         "seed": settings.seed,
         **{part: measured[part] for part in ("calibration", "quantized", "metrics", "timings")},
+        "transforms": method.transforms,  # FP-preserving transforms: what they folded, the difference measured
         "device": str(settings.device),
         "eval_compile": settings.eval_compile,
         "memory": measured["memory"],

@@ -5,6 +5,7 @@ quantized through explicit forwards instead of their fused fast paths."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +18,7 @@ from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.models import named_quantizers, quantizers_off
 from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules, tracking_calls
 from ptq_bench.quant.layers import QuantLinear, QuantMatMul
+from ptq_bench.transforms.invariants import RELATIVE_TOLERANCE
 from test_task_seam import post_norm_vit, tiny_vit
 
 
@@ -161,3 +163,15 @@ def test_record_lists_what_was_quantized_and_the_report_prints_it(tmp_path) -> N
     shown = subprocess.run([sys.executable, "-m", "ptq_bench.report", "--runs", str(tmp_path), "--quantized", record["run_key"]],
                            cwd=REPO, capture_output=True, text=True)
     assert shown.returncode == 0 and "blocks.3.mlp.fc2" in shown.stdout and "post_gelu" in shown.stdout
+
+
+def test_the_record_lists_each_fold_and_the_difference_it_measured() -> None:
+    """RepQ-ViT's record entry: every LayerNorm→Linear pair folded and the FP difference the check measured."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8).eval()
+    method = build_method("repq_vit", BitWidth(4, 4))
+    method.quantize(model, image_calibration(torch.randn(4, 3, 32, 32)))
+    (entry,) = method.transforms
+    assert entry["folded"] == ["blocks.0.norm1 → blocks.0.attn.qkv", "blocks.0.norm2 → blocks.0.mlp.fc1",
+                               "blocks.1.norm1 → blocks.1.attn.qkv", "blocks.1.norm2 → blocks.1.mlp.fc1"]
+    assert 0.0 < entry["fp_relative_error"] < 1e-5 and entry["tolerance"] == RELATIVE_TOLERANCE

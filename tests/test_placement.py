@@ -172,7 +172,7 @@ def test_cli_quantizers_option_labels_the_record(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())
-    assert record["option_changes"] == {"quantizers": {"post_softmax": "log2"}}
+    assert record["option_changes"] == {"quantizers": {"post_softmax": "log2"}} and record["transforms"] == []
     assert record["method_label"].startswith("minmax [quantizers={post_softmax:log2}")
     matmul2 = next(m for m in record["quantized"] if m["module"] == "blocks.0.attn.matmul2")
     assert matmul2["quantizers"]["quantizer_a"]["quantizer"] == "Log2Quantizer"

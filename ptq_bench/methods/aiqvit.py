@@ -47,7 +47,7 @@ from ptq_bench.transforms.block_state import BlockStateStore
 from ptq_bench.transforms.compiled_loss import CompiledLoss, compiled_losses
 from ptq_bench.transforms.reconstruction import Curriculum, ReconStep, clamp_scales_, learnable_scales, reconstruct_block
 from ptq_bench.transforms.invariants import keeps_fp_function
-from ptq_bench.transforms.reparam import mean_target, reparameterize_layernorm_
+from ptq_bench.transforms.reparam import folded_pairs, mean_target, reparameterize_layernorm_
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,9 @@ class AIQViT(Method):
         """RepQ-ViT scale reparameterization of the post-LayerNorm quantizers (channel-mean target), then refit the
         weight quantizers of the edited Linears on their new weights (as ptq_bench/methods/repq_vit.py does)."""
         with torch.no_grad(), calibrating(model):
-            with keeps_fp_function(model, data, "AIQViT LayerNorm→Linear reparameterization"):
+            with keeps_fp_function(model, data, "AIQViT LayerNorm→Linear reparameterization") as check:
                 edited = reparameterize_layernorm_(model, mean_target, self.options.post_norm == "skip")
+            self.transforms.append(check.record(folded=folded_pairs(model, edited)))
             for linear in edited:
                 linear.quantized_weight()
 

@@ -63,6 +63,8 @@ class Method(ABC):
         self.seed = seed
         self.progress = progress
         self.quantizers = self._parse_quantizers(quantizers or {})
+        #: What the run's record shows of each FP-preserving transform (InvariantCheck.record entries).
+        self.transforms: list[dict[str, Any]] = []
         if self.uses_calibration:
             chosen_by = {role: f"method.{option}" for role, option in self.role_options.items()}
             chosen_by |= {role: f"method.quantizers.{role}" for role in self.quantizers}

@@ -33,6 +33,7 @@ from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
 from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.mosf import mosf_reparameterize_
+from ptq_bench.transforms.reparam import folded_pairs
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.compiled_loss import compiled_losses
 from ptq_bench.transforms.reconstruction import ReconStep, reconstruct_block
@@ -89,8 +90,9 @@ class DopQViT(Method):
         self.place_quantizers_(model)
         with torch.no_grad(), calibrating(model):
             data.run(model, limit=o.init_calib_size)
-            with keeps_fp_function(model, data, f"DopQ-ViT {o.scale_factor} reparameterization"):
+            with keeps_fp_function(model, data, f"DopQ-ViT {o.scale_factor} reparameterization") as check:
                 edited = mosf_reparameterize_(model, o.scale_factor, o.compensation, o.kappa, o.post_norm == "skip")
+            self.transforms.append(check.record(folded=folded_pairs(model, edited)))
             for linear in edited:
                 linear.quantized_weight()  # refit the reset weight quantizer on the reparameterized weight
         if self.reconstructs:

@@ -41,6 +41,7 @@ from ptq_bench.methods.base import METHODS, Method
 from ptq_bench.models import calibrating
 from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
+from ptq_bench.transforms.reparam import folded_pairs
 from ptq_bench.transforms.invariants import keeps_fp_function
 
 #: The patch-embedding input is always quantized at 8 bits (quant_modules.py, ``QuantConv2d``).
@@ -89,8 +90,9 @@ class RepQViT(Method):
         self.place_quantizers_(model)
         with calibrating(model):
             data.run(model)  # one forward of the whole calibration set, as the official code does
-            with keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization"):
+            with keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization") as check:
                 edited = reparameterize_layernorm_(model, mean_target, self.options.post_norm == "skip")
+            self.transforms.append(check.record(folded=folded_pairs(model, edited)))
             for linear in edited:
                 linear.quantized_weight()  # refits the reset weight quantizer on the reparameterized weight
         return model

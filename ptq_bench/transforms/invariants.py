@@ -5,12 +5,15 @@ through the model with every quantizer off before and after the transform, compa
 output in forward order (and the model's output when it is a tensor). A relative difference above
 :data:`RELATIVE_TOLERANCE` stops the run with one line naming the transform and the first block where the outputs
 part: a fold that assumed a pre-norm block on a post-norm one, say, never reaches a record. The cost is two forward
-passes of :data:`SAMPLES` samples.
+passes of :data:`SAMPLES` samples. The context yields an :class:`InvariantCheck` whose :meth:`~InvariantCheck.record`
+is what the run's record shows of the transform (the largest difference measured, what was folded).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -51,13 +54,30 @@ def relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
     return ((value - reference).norm() / reference.norm().clamp_min(1e-12)).item()
 
 
+@dataclass
+class InvariantCheck:
+    """One checked transform: its name and the largest relative difference of the FP outputs it caused (NaN until
+    the check ran)."""
+
+    transform: str
+    max_relative_error: float = math.nan
+
+    def record(self, **details: Any) -> dict[str, Any]:
+        """The record's entry: the transform, the difference measured, the tolerance and ``details`` (what changed)."""
+        return {"transform": self.transform, "fp_relative_error": self.max_relative_error,
+                "tolerance": RELATIVE_TOLERANCE, "samples": SAMPLES, **details}
+
+
 @contextmanager
-def keeps_fp_function(model: nn.Module, data: CalibrationData, transform: str) -> Iterator[None]:
-    """Raise :class:`InvariantError` if the code inside the context changed the model's FP function."""
+def keeps_fp_function(model: nn.Module, data: CalibrationData, transform: str) -> Iterator[InvariantCheck]:
+    """Raise :class:`InvariantError` if the code inside the context changed the model's FP function; the yielded
+    check holds the largest difference measured once the context exits."""
+    check = InvariantCheck(transform)
     batch = data.batch(0, min(SAMPLES, len(data)))
     before = _trace(model, data, batch)
-    yield
+    yield check
     after = _trace(model, data, batch)
+    errors = []
     for (name, reference), (_, value) in zip(before, after):
         error = relative_error(reference, value)
         if not error <= RELATIVE_TOLERANCE:  # NaN fails too
@@ -65,3 +85,5 @@ def keeps_fp_function(model: nn.Module, data: CalibrationData, transform: str) -
                 f"{transform} changed the FP function: outputs part at '{name}' "
                 f"(relative error {error:.2e} > {RELATIVE_TOLERANCE:g} with quantizers off)"
             )
+        errors.append(error)
+    check.max_relative_error = max(errors, default=0.0)

@@ -70,6 +70,13 @@ def _channel_quantizer(linear: nn.Module, norm_name: str) -> Quantizer:
     return quantizer
 
 
+def folded_pairs(model: nn.Module, edited: list[QuantLinear]) -> list[str]:
+    """``"<norm> → <linear>"`` for each edited Linear (module names of ``model``), for the record."""
+    names = {id(module): name for name, module in model.named_modules()}
+    norm_of = {id(linear): pair.norm_name for pair in layernorm_linear_pairs(model, skip_post_norm=True) for linear in pair.linears}
+    return [f"{norm_of.get(id(linear), '?')} → {names[id(linear)]}" for linear in edited]
+
+
 @torch.no_grad()
 def reparameterize_layernorm_(model: nn.Module, target_fn: TargetFn = mean_target, skip_post_norm: bool = False) -> list[QuantLinear]:
     """Fold every per-channel post-LayerNorm quantizer into a per-tensor one, in place.
