@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ptq_bench.errors import ConfigError, DataError
+from ptq_bench.labels import LabelMap
 
 #: At most this many DataLoader workers when ``data.workers`` is ``auto``.
 MAX_AUTO_WORKERS = 8
@@ -57,8 +58,24 @@ def image_loader(mode: str) -> Callable[[str], Image.Image]:
     return load
 
 
-def image_folder(root: str | Path, split: str, transform: Callable, channels: int = 3) -> ImageFolder:
-    """``<root>/<split>/<class>/<image>``; raises DataError for a missing root/split or an empty split."""
+class MappedImageFolder(ImageFolder):
+    """An ``ImageFolder`` whose targets are the head's indices of its class folders (``label_map``), not their rank
+    among the folders present; a folder not in the map is a one-line DataError. Samples keep ImageFolder's order
+    (folders by name, files by name), so calibration indices draw the same images whatever the map."""
+
+    def __init__(self, root: str, label_map: LabelMap, where: str, **kwargs: Any) -> None:
+        self.label_map, self.where = label_map, where
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes, _ = super().find_classes(directory)
+        return classes, self.label_map.class_to_idx(classes, self.where)
+
+
+def image_folder(root: str | Path, split: str, transform: Callable, channels: int = 3, label_map: LabelMap | None = None) -> ImageFolder:
+    """``<root>/<split>/<class>/<image>``; raises DataError for a missing root/split or an empty split. With
+    ``label_map``, targets are the map's indices and a class folder not in it is refused
+    (:class:`MappedImageFolder`); without, the folders present are numbered in sorted order."""
     root = expand_path(root)
     if not root.is_dir():
         raise DataError(f"dataset root not found: {root}")
@@ -69,7 +86,9 @@ def image_folder(root: str | Path, split: str, transform: Callable, channels: in
     if mode is None:
         raise DataError(f"image folders support 1 or 3 channels, got {channels}")
     try:
-        return ImageFolder(str(split_dir), transform=transform, loader=image_loader(mode))
+        if label_map is None:
+            return ImageFolder(str(split_dir), transform=transform, loader=image_loader(mode))
+        return MappedImageFolder(str(split_dir), label_map, f"split '{split}'", transform=transform, loader=image_loader(mode))
     except FileNotFoundError:
         raise DataError(f"split '{split}' is empty: no class folders with images in {split_dir}") from None
 

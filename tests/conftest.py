@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -17,12 +18,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1)
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40, seed: int = 0) -> Path:
-    """``root/{train,val}/class_k/img_i.png`` with random RGB images."""
+#: The first ImageNet-1k wnids in timm's class order (timm/data/_info/imagenet_synsets.txt): folder names that an
+#: ImageNet-1k model's label map accepts (ptq_bench/labels.py).
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40, seed: int = 0,
+                      names: Sequence[str] | None = None) -> Path:
+    """``root/{train,val}/<name>/img_i.png`` with random RGB images; names ``class_k`` unless ``names`` are given."""
     rng = np.random.default_rng(seed)
     for split in ("train", "val"):
         for c in range(classes):
-            folder = root / split / f"class_{c}"
+            folder = root / split / (names[c] if names else f"class_{c}")
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
@@ -32,7 +39,8 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: in
 
 @pytest.fixture(scope="session")
 def image_folder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("imagefolder"))
+    """Three ImageNet-1k wnid classes: data for an ImageNet-1k model (a class subset) and for a 3-class model."""
+    return make_image_folder(tmp_path_factory.mktemp("imagefolder"), names=WNIDS)
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:

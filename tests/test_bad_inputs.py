@@ -110,7 +110,7 @@ def bad_file_case(kind: str, tmp_path: Path) -> tuple[list[str], str]:
         blocker.write_text("not a directory")
         return [f"results_dir={blocker / 'runs'}"], "results_dir="
     if kind == "decompression bomb":
-        root = make_image_folder(tmp_path / "images", classes=2, per_class=2, size=28)
+        root = make_image_folder(tmp_path / "images", classes=10, per_class=2, size=28)  # the MNIST head's 10 classes
         bomb = bomb_png(root / "val" / "class_0" / "img_0.png")
         return ["data=folder", f"data.root={root}", "data.channels=1", "data.img_size=28", "data.mean=[0.5]", "data.std=[0.5]",
                 "data.workers=0", "method=fp"], str(bomb)

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import make_image_folder, run_cli
+from conftest import WNIDS, make_image_folder, run_cli
 
 FAST = ["logger=none", "task.progress=false", "data.workers=0", "method.calib_size=2"]
 
@@ -53,15 +53,15 @@ def test_missing_data_root(tmp_path):
 
 
 def test_empty_split(tmp_path):
-    root = make_image_folder(tmp_path / "data", classes=1, per_class=1)
+    root = make_image_folder(tmp_path / "data", classes=1, per_class=1, names=WNIDS)
     for image in (root / "val").rglob("*.png"):
         image.unlink()
     assert_clean_error(run_cli(*folder_args(root, tmp_path)), "split 'val' is empty")
 
 
 def test_corrupt_image_through_a_worker_process(tmp_path):
-    root = make_image_folder(tmp_path / "data", classes=1, per_class=2)
-    bad = root / "val" / "class_0" / "img_1.png"
+    root = make_image_folder(tmp_path / "data", classes=1, per_class=2, names=WNIDS)
+    bad = root / "val" / WNIDS[0] / "img_1.png"
     bad.write_bytes(b"this is not a png")
     result = run_cli(*folder_args(root, tmp_path), "data.workers=1", "method=fp")
     assert_clean_error(result, "corrupt or unreadable image", str(bad))
