@@ -27,8 +27,14 @@ from ptq_bench.calibration import image_calibration
 from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.models import set_quantizers_enabled
 
-#: official attribute / quantizer names → ours (RepQ-ViT quant_modules.py / quantizer.py naming)
-_NAME_MAP = {"quantizer_A": "quantizer_a", "quantizer_B": "quantizer_b", "delta": "scale"}
+#: official attribute / quantizer names → ours (RepQ-ViT quant_modules.py / quantizer.py naming; AdaLog's
+#: quant_layers/*.py ``w_quantizer``/``a_quantizer``/``A_quantizer``/``B_quantizer``)
+_NAME_MAP = {"quantizer_A": "quantizer_a", "quantizer_B": "quantizer_b", "delta": "scale",
+             "w_quantizer": "weight_quantizer", "a_quantizer": "input_quantizer",
+             "A_quantizer": "quantizer_a", "B_quantizer": "quantizer_b"}
+#: official quantizers that exist but never act, per method (left out of the comparison): AdaLog's patch-embedding
+#: input quantizer at qconv_a_bit = 8 (quant_layers/conv.py ``quant_input`` returns the input for n_bits >= 8)
+IGNORED_QPARAMS = {"adalog": ("patch_embed.proj.a_quantizer.",)}
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,14 @@ def build_fp_model(
     return model.eval()
 
 
-def qparam_diffs(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[ParamDiff]:
-    """Every ``qparam/*`` of the oracle against the same parameter of our model."""
+def qparam_diffs(model: nn.Module, arrays: dict[str, np.ndarray], ignore: Sequence[str] = ()) -> list[ParamDiff]:
+    """Every ``qparam/*`` of the oracle against the same parameter of our model (official names starting with one of
+    ``ignore`` left out)."""
     diffs = []
     for key in sorted(k for k in arrays if k.startswith("qparam/")):
         official = key[len("qparam/"):]
+        if official.startswith(tuple(ignore)):
+            continue
         ours = our_name(official)
         module_name, attr = ours.rsplit(".", 1)
         value = getattr(model.get_submodule(module_name), attr)
@@ -105,11 +114,14 @@ def qparam_diffs(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[ParamD
 
 
 def weight_diffs(model: nn.Module, arrays: dict[str, np.ndarray]) -> list[ParamDiff]:
-    """The oracle's post-reparameterization state dict (``q_weight/*``) against ours."""
+    """The oracle's post-reparameterization state dict (``q_weight/*``) against ours (its quantizer tensors, which
+    the AdaLog family keeps in the state dict, are the ``qparam/*`` comparison's)."""
     state = model.state_dict()
     diffs = []
     for key in sorted(k for k in arrays if k.startswith("q_weight/")):
         name = key[len("q_weight/"):]
+        if f"qparam/{name}" in arrays:  # a quantizer's tensor in the official state dict (AdaLog): compared as a qparam
+            continue
         ref = torch.from_numpy(arrays[key])
         diffs.append(ParamDiff(name, name, *relative_diff(state[name].reshape(ref.shape), ref)))
     return diffs
@@ -131,8 +143,9 @@ def summarize(diffs: Sequence[ParamDiff]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def write_fixture(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """A small pin fixture: the oracle's quantizer parameters and logits plus how to rebuild its run."""
+def write_fixture(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
+    """A small pin fixture: the oracle's quantizer parameters and logits plus how to rebuild its run (``extra``: more
+    facts for its ``meta``, e.g. the method options the oracle's config was changed to)."""
     keep = {k: v for k, v in arrays.items() if k.startswith("qparam/") or k in ("logits/fp", "logits/q")}
     args = meta.get("args", {})
     info = {
@@ -143,6 +156,7 @@ def write_fixture(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
         "w_bits": args.get("w_bits"),
         "a_bits": args.get("a_bits"),
         "n_qparams": sum(k.startswith("qparam/") for k in keep),
+        **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, meta=np.array(json.dumps(info)), **keep)
@@ -171,7 +185,7 @@ def compare(
     print(f"FP logits vs oracle:        {fp_agree}")
 
     build_method(method, bits, **options).quantize(model, image_calibration(calib))
-    qdiffs = qparam_diffs(model, arrays)
+    qdiffs = qparam_diffs(model, arrays, IGNORED_QPARAMS.get(method, ()))
     wdiffs = weight_diffs(model, arrays)
     if verbose:
         for d in qdiffs:

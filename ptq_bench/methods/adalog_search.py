@@ -1,0 +1,658 @@
+"""AdaLog's per-layer search: percentile candidates refined by FPCS, for weights, uniform inputs and log grids.
+
+Each class follows one official layer class of GoatWu/AdaLog @ 75a57d2 operation for operation (same candidate
+tensors, same reductions, same ``torch.topk`` calls), so that the chosen parameters are the official ones bit for
+bit on the same inputs:
+
+* :class:`LinearSearch`: quant_layers/linear.py ``AsymmetricallyBatchingQuantLinear`` (every Linear),
+  ``AsymmetricallyChannelWiseBatchingQuantLinear`` (qkv/fc1 when w = a: a per-channel input search, the scale
+  reparameterization, then the plain search on the reparameterized input) and ``PostGeluLogBasedBatchingQuantLinear``
+  (fc2: the AdaLog log-base and scale search);
+* :class:`MatMulSearch`: quant_layers/matmul.py ``AsymmetricallyBatchingQuantMatMul`` (Q·Kᵀ, per-head scales) and
+  ``PostSoftmaxAsymmetricallyBatchingQuantMatMul`` (attn·V: AdaLog q search on the map, per-head V scales);
+* :class:`ConvSearch`: quant_layers/conv.py ``AsymmetricallyBatchingQuantConv2d`` (patch embedding; its input
+  is not quantized at qconv_a_bit = 8).
+
+Scores are the official "similarity" -(O - Ô)² (higher is better). Uniform grids are asymmetric:
+x̂ = (clamp(round(x/s) + z, 0, 2^b - 1) - z)·s. Candidate stacks are evaluated in chunks of ``parallel_eq_n``
+candidates, sized from a memory budget by the official formula (``_initialize_calib_parameters``); the official
+code sizes them from the GPU's memory, the oracle from a fake 8 GiB device.
+
+FPCS (``weight_fpcs``/``activation_fpcs``/``_fpcs``, paper Sec. 3.4): from eq_n percentile candidates keep the top
+``fpcs_width``, then for ``steps - 1`` rounds put eq_n/fpcs_width points around each survivor with a spacing that
+shrinks by 1/(eq_n/fpcs_width - 0.5) per round; the last round keeps the best one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ptq_bench.quant.adalog import ADALOG_R, LOG_FLOOR, adalog_dequant, adalog_tables, table_denominator
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    eq_n: int  # candidates per search (configs: 128)
+    search_round: int  # rounds of alternating searches (configs: 3)
+    fpcs: bool  # FPCS refinement (configs: True); False: one search over the percentile candidates
+    steps: int  # FPCS rounds (configs: 6)
+    batch_size: int  # calib_batch_size: samples per similarity batch (configs: 32)
+    memory_bytes: int  # the official "GPU memory" the candidate chunks are sized from
+    fpcs_width: int = 16  # survivors per FPCS round of the uniform searches (the code's default)
+    r: int = ADALOG_R
+
+
+def affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The official asymmetric uniform fake quantizer (quantizers/uniform.py, evaluation path)."""
+    return (torch.round(x / scale) + zero_point).clamp(0, qmax).sub(zero_point).mul(scale)
+
+
+def similarity(raw: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+    return -(raw - sim) ** 2
+
+
+def parallel_eq_n(eq_n: int, numel: int, memory_bytes: int) -> int:
+    """Candidates per chunk (``_initialize_calib_parameters``): memory/2 split into 4-byte elements per ``numel``."""
+    memory = memory_bytes // 2
+    par = int((memory / 4) // max(numel, 1))
+    par = max(par, 1)
+    return math.ceil(eq_n * 1.0 / math.ceil(eq_n * 1.0 / par))
+
+
+def quantile_mean(x: torch.Tensor, pct: torch.Tensor, rows_first: bool) -> torch.Tensor:
+    """torch.quantile over the last dimension of ``x`` viewed as (mb, -1) per leading row, averaged over the mb
+    pieces; mb doubles while torch.quantile refuses the size (the official ``tensor_too_large`` loop)."""
+    mb = 1
+    while True:
+        try:
+            view = x.view(x.shape[0], mb, -1) if rows_first else x.reshape(-1).view(mb, -1)
+            return torch.quantile(view, pct.to(x.device), dim=-1).mean(dim=-1)
+        except RuntimeError:
+            mb *= 2
+            if mb > x.numel():
+                raise
+
+
+def positive_percentile(tensor: torch.Tensor, q: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Percentiles of the positive entries (``PostGeluLogBasedBatchingQuantLinear.positive_percentile``): the
+    sorted positives' element at rank ceil(count·q) - 1, 0 where there is none."""
+    positive = torch.where(tensor > 0, tensor, torch.tensor(float("nan"), device=tensor.device))
+    ordered, _ = positive.sort(dim=dim)
+    counts = (~torch.isnan(ordered)).sum(dim=dim, keepdim=True).float()
+    q = q.reshape(q.numel(), *[1] * tensor.ndim)
+    ranks = ((counts * q).ceil().long() - 1).clamp(min=0)
+    expanded = ordered.unsqueeze(0).expand(q.numel(), *ordered.shape)
+    result = torch.gather(expanded, dim + 1, ranks).squeeze(dim + 1)
+    return result.masked_fill_(torch.isnan(result), 0)
+
+
+def search_table(bits: int, r: int, device: torch.device) -> torch.Tensor:
+    """The float32 fractional table the official searches use (``self.table``): 2^(-j/r) rounded to multiples of
+    1/(4·2^(b-1) - 2), j < 120."""
+    table = torch.tensor([2 ** (-j / float(r)) for j in range(120)])
+    step = 1.0 / table_denominator(bits)
+    return (torch.round(table / step) * step).to(device)
+
+
+def table_dequant(codes: torch.Tensor, q: torch.Tensor, bits: int, r: float, table: torch.Tensor) -> torch.Tensor:
+    """The searches' de-quantization of unclamped codes: 2^-floor(e·q/r)·table[(e·q) mod r], 0 for e ≥ 2^b."""
+    mask = codes >= 2**bits
+    codes = codes.clamp_(0, 2**bits - 1)
+    column = torch.remainder(codes * q, r).round_().long()
+    value = (2 ** (-1 * torch.floor(codes * q / r))) * table[column]
+    value[mask] = 0
+    return value
+
+
+class _Searcher:
+    def __init__(self, settings: SearchSettings) -> None:
+        self.s = settings
+        self.eq_n = settings.eq_n
+        self.par = settings.eq_n
+
+    def chunks(self):
+        for p_st in range(0, self.eq_n, self.par):
+            yield slice(p_st, min(self.eq_n, p_st + self.par))
+
+    def batches(self, n: int):
+        for b_st in range(0, n, self.s.batch_size):
+            yield slice(b_st, min(n, b_st + self.s.batch_size))
+
+    def fpcs(self, candidates: tuple[torch.Tensor, torch.Tensor], strategy: Callable, dim: int) -> None:
+        """FPCS over (scales, zero points) stacked on ``dim`` (0 for weights and matmul operands, -1 for inputs)."""
+        width = self.s.fpcs_width
+        new_cnt = int(self.eq_n / width)
+        scales, zps = candidates
+        if dim == 0:
+            delta = scales[1:2] - scales[0:1]
+        else:
+            delta = scales[:, 1:2] - scales[:, 0:1]
+        index = strategy(scales, zps, topk=width)
+        top_s, top_z = torch.gather(scales, dim, index), torch.gather(zps, dim, index)
+        remain = self.s.steps - 1
+        while remain > 0:
+            lin = torch.linspace(0, 1, steps=new_cnt, device=scales.device)
+            if dim == 0:
+                offsets = (lin.view(-1, *[1] * (scales.ndim - 1)) - 0.5) * delta
+                delta = delta / (new_cnt - 0.5)
+                scales = (top_s.unsqueeze(1) + offsets.unsqueeze(0)).reshape(-1, *scales.shape[1:])
+            else:
+                offsets = (lin[None, :] - 0.5) * delta
+                delta = delta / (new_cnt - 0.5)
+                scales = (top_s.unsqueeze(-1) + offsets.unsqueeze(-2)).reshape(*scales.shape[:-1], -1).clamp(min=1e-4)
+            zps = top_z.repeat_interleave(new_cnt, dim=dim)
+            index = strategy(scales, zps, topk=1 if remain == 1 else width)
+            if remain > 1:
+                top_s, top_z = torch.gather(scales, dim, index), torch.gather(zps, dim, index)
+            remain -= 1
+
+
+# ---------------------------------------------------------------------------------------------------- linear
+
+
+class LinearSearch(_Searcher):
+    """One Linear's search state: its weight/bias, the captured input ``x`` and output ``out``, and the found
+    weight (``w_scale``/``w_zp``, shape (n_V, rows, 1)) and input (``a_scale``/``a_zp``) grids."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor, out: torch.Tensor,
+                 w_bits: int, a_bits: int, settings: SearchSettings, n_v: int = 1, channel_wise: bool = False) -> None:
+        super().__init__(settings)
+        self.weight, self.bias, self.x, self.out = weight, bias, x, out
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.w_n, self.a_n = 2 ** (w_bits - 1), 2 ** (a_bits - 1)
+        self.out_features, self.in_features = weight.shape
+        self.n_v, self.rows = n_v, self.out_features // n_v
+        self.channel_wise = channel_wise
+        dev = weight.device
+        self.w_scale = torch.zeros(n_v, self.rows, 1, device=dev)
+        self.w_zp = torch.zeros(n_v, self.rows, 1, device=dev)
+        size = self.in_features if channel_wise else 1
+        self.a_scale = torch.zeros(size, device=dev)
+        self.a_zp = torch.zeros(size, device=dev)
+        self._init_chunks()
+
+    def _init_chunks(self) -> None:
+        b = self.s.batch_size
+        numel = 8 * self.x[:b].numel() + 16 * self.out[:b].numel()
+        self.par = parallel_eq_n(self.eq_n, numel, self.s.memory_bytes)
+
+    # -------------------------------------------------------------------------------- current quantizers
+    def quant_weight(self) -> torch.Tensor:
+        w = self.weight.view(self.n_v, self.rows, self.in_features)
+        return affine(w, self.w_scale, self.w_zp, 2 * self.w_n - 1).view(self.out_features, self.in_features)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return affine(x, self.a_scale, self.a_zp, 2 * self.a_n - 1)
+
+    # -------------------------------------------------------------------------------- candidates
+    def weight_candidates(self, l: float = 0.9, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        num_zp = min(16, self.w_n)
+        num_scale = int(self.eq_n / num_zp)
+        pct = torch.tensor([l, r])
+        w = self.weight.view(self.n_v, self.rows, self.in_features)
+        uppers = torch.quantile(w, pct.to(w.device), dim=-1).unsqueeze(-1)
+        lowers = torch.quantile(w, (1 - pct).to(w.device), dim=-1).unsqueeze(-1)
+        delta_min = uppers[0:1] - lowers[0:1]
+        delta_max = uppers[1:] - lowers[1:]
+        splits = torch.linspace(0, 1, steps=num_scale, device=w.device)[:, None, None, None] * (delta_max - delta_min)
+        scales = (delta_min + splits).repeat(num_zp, 1, 1, 1) / (2 * self.w_n - 1)
+        zp_min, zp_max = int(self.w_n - num_zp / 2), int(self.w_n + num_zp / 2)
+        zps = torch.tensor(range(zp_min, zp_max), device=w.device).repeat_interleave(num_scale)[:, None, None, None]
+        return scales, zps.repeat(1, self.n_v, self.rows, 1)
+
+    def input_candidates(self, l: float = 0.9, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        num_zp = min(16, self.a_n * 2)
+        num_scale = int(self.eq_n / num_zp)
+        pct = torch.tensor([l, r])
+        x = self.x
+        if self.channel_wise:
+            flat = x.view(-1, x.shape[-1])
+            uppers = torch.quantile(flat, pct.to(x.device), dim=0).transpose(0, 1)
+            lowers = torch.quantile(flat, (1 - pct).to(x.device), dim=0).transpose(0, 1)
+        else:
+            uppers = quantile_mean(x, pct, rows_first=False).unsqueeze(0)
+            lowers = quantile_mean(x, 1 - pct, rows_first=False).unsqueeze(0)
+        delta_min = uppers[:, 0:1] - lowers[:, 0:1]
+        delta_max = uppers[:, 1:] - lowers[:, 1:]
+        splits = torch.linspace(0, 1, steps=num_scale, device=x.device)[None, :] * (delta_max - delta_min)
+        scales = ((delta_min + splits).repeat(1, num_zp) / (2 * self.a_n - 1)).clamp(min=1e-4)
+        zp_min, zp_max = int(self.a_n - num_zp / 2), int(self.a_n + num_zp / 2)
+        zps = torch.tensor(range(zp_min, zp_max), device=x.device).repeat_interleave(num_scale)[None, :]
+        return scales, zps.repeat(scales.shape[0], 1)
+
+    # -------------------------------------------------------------------------------- strategies
+    def w_self(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:
+        """``_search_best_w_scale_self``: the weight's own quantization error."""
+        raw = self.weight.view(self.n_v, self.rows, self.in_features).unsqueeze(0)
+        sims = []
+        for c in self.chunks():
+            s, z = scales[c], zps[c]
+            wq = ((raw / s).round_() + z).clamp(0, 2 * self.w_n - 1)
+            sims.append(torch.mean(similarity(raw, (wq - z) * s), dim=-1, keepdim=False))
+        _, index = torch.topk(torch.cat(sims, dim=0), k=topk, dim=0)
+        index = index.reshape(topk, self.n_v, -1, 1)
+        if topk == 1:
+            self.w_scale = torch.gather(scales, 0, index).squeeze(0)
+            self.w_zp = torch.gather(zps, 0, index).squeeze(0).to(self.w_scale.dtype)
+        return index.squeeze(0)
+
+    def w_out(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:
+        """``_search_best_w_scale``: the layer output with the current input quantizer."""
+        batch_sims = []
+        for b in self.batches(self.x.shape[0]):
+            x = self.x[b]
+            raw = self.out[b].unsqueeze(-2)
+            raw = raw.view(*raw.shape[:-1], self.n_v, -1)
+            sims = []
+            for c in self.chunks():
+                s, z = scales[c], zps[c]
+                k = s.shape[0]
+                w = self.weight.view(self.n_v, self.rows, self.in_features).unsqueeze(0)
+                wq = ((w / s).round_() + z).clamp(0, 2 * self.w_n - 1)
+                w_sim = ((wq - z) * s).view(-1, self.in_features)
+                b_sim = self.bias.repeat(k) if self.bias is not None else None
+                out = F.linear(self.quant_input(x), w_sim, b_sim)
+                out = out.view(*out.shape[:-1], k, self.n_v, -1)
+                sim = similarity(raw, out)
+                if sim.ndim > 4:
+                    sim = torch.mean(sim, dim=list(range(1, sim.ndim - 3)))
+                sims.append(sim.sum(dim=0, keepdim=True))
+            batch_sims.append(torch.cat(sims, dim=1))
+        total = torch.cat(batch_sims, dim=0).sum(dim=0, keepdim=False)
+        _, index = torch.topk(total, k=topk, dim=0)
+        index = index.reshape(topk, self.n_v, -1, 1)
+        if topk == 1:
+            self.w_scale = torch.gather(scales, 0, index).squeeze(0)
+            self.w_zp = torch.gather(zps, 0, index).squeeze(0).to(self.w_scale.dtype)
+        return index.squeeze(0)
+
+    def a_self(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:
+        """``_search_best_a_scale_self``: the input's own quantization error (per channel or per tensor)."""
+        batch_sims = []
+        for b in self.batches(self.x.shape[0]):
+            x = self.x[b]
+            raw = x.unsqueeze(-1)
+            sims = []
+            for c in self.chunks():
+                s, z = scales[:, c], zps[:, c]
+                xs = x.unsqueeze(-1)
+                xq = ((xs / s).round_() + z).clamp_(0, 2 * self.a_n - 1)
+                sim = similarity(raw, (xq - z) * s)
+                if sim.ndim > 3:
+                    sim = torch.mean(sim, dim=list(range(1, sim.ndim - 2)))
+                if not self.channel_wise:
+                    sim = torch.mean(sim, dim=1, keepdim=True)
+                sims.append(torch.sum(sim, dim=0, keepdim=True))
+            batch_sims.append(torch.cat(sims, dim=-1))
+        total = torch.cat(batch_sims, dim=0).sum(dim=0, keepdim=False)
+        _, index = torch.topk(total, k=topk, dim=-1)
+        if topk == 1:
+            self.a_scale = torch.gather(scales, -1, index).squeeze(-1)
+            self.a_zp = torch.gather(zps, -1, index).squeeze(-1).to(self.a_scale.dtype)
+        return index
+
+    def a_out(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:
+        """``_search_best_a_scale``: the layer output with the current weight quantizer (per-tensor input)."""
+        batch_sims = []
+        for b in self.batches(self.x.shape[0]):
+            x = self.x[b]
+            raw = self.out[b].unsqueeze(-2)
+            sims = []
+            for c in self.chunks():
+                s, z = scales[:, c], zps[:, c]
+                w_sim = self.quant_weight()
+                xs = x.unsqueeze(-1)
+                xq = ((xs / s).round_() + z).clamp_(0, 2 * self.a_n - 1)
+                xd = (xq - z) * s
+                x_sim = xd.permute(*list(range(xd.ndim - 2)), -1, -2)
+                sim = torch.mean(similarity(raw, F.linear(x_sim, w_sim, self.bias)), dim=-1)
+                if sim.ndim > 2:
+                    sim = torch.mean(sim, dim=list(range(1, sim.ndim - 1)))
+                sims.append(torch.sum(sim, dim=0, keepdim=True))
+            batch_sims.append(torch.cat(sims, dim=1))
+        total = torch.cat(batch_sims, dim=0).sum(dim=0, keepdim=True)
+        _, index = torch.topk(total, k=topk, dim=-1)
+        if topk == 1:
+            self.a_scale = torch.gather(scales, -1, index).squeeze(-1)
+            self.a_zp = torch.gather(zps, -1, index).squeeze(-1).to(self.a_scale.dtype)
+        return index
+
+    # -------------------------------------------------------------------------------- recipes
+    def search(self) -> None:
+        """``AsymmetricallyBatchingQuantLinear.hyperparameter_searching``."""
+        self._init_chunks()
+        if self.s.fpcs:
+            self.fpcs(self.weight_candidates(), self.w_self, dim=0)
+            self.fpcs(self.input_candidates(), self.a_self, dim=-1)
+        else:
+            w_c, a_c = self.weight_candidates(), self.input_candidates()
+            self.w_self(*w_c)
+            self.a_self(*a_c)
+        for _ in range(self.s.search_round):
+            if self.s.fpcs:
+                self.fpcs(self.weight_candidates(), self.w_out, dim=0)
+                self.fpcs(self.input_candidates(), self.a_out, dim=-1)
+            else:
+                self.w_out(*w_c)
+                self.a_out(*a_c)
+
+    def search_channel_wise(self) -> None:
+        """``AsymmetricallyChannelWiseBatchingQuantLinear.hyperparameter_searching``: per-channel input only."""
+        self._init_chunks()
+        if self.s.fpcs:
+            self.fpcs(self.input_candidates(), self.a_self, dim=-1)
+        else:
+            self.a_self(*self.input_candidates())
+
+    def reparameterized(self, weight: torch.Tensor, bias: Optional[torch.Tensor], ratio: torch.Tensor,
+                        shift: torch.Tensor, target_scale: torch.Tensor, target_zp: torch.Tensor) -> None:
+        """``reparam``: the new weight/bias, the input mapped to x/r - b, a per-tensor input grid; then the plain
+        search (:meth:`search`) runs on these."""
+        self.weight, self.bias = weight, bias
+        self.x = self.x / ratio - shift
+        self.channel_wise = False
+        self.a_scale, self.a_zp = target_scale.reshape(1), target_zp.reshape(1)
+
+
+class PostGeluSearch(LinearSearch):
+    """fc2 with the shifted AdaLog input (``PostGeluLogBasedBatchingQuantLinear``); ``q`` is the log base."""
+
+    def __init__(self, *args, shift: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        dev = self.weight.device
+        self.shift = torch.tensor([shift], dtype=torch.float32, device=dev)
+        self.a_scale = torch.zeros(1, device=dev)
+        self.q = torch.tensor([self.s.r], device=dev)
+        self.r = float(self.s.r)
+        self.table = search_table(self.a_bits, self.s.r, dev)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``ShiftAdaLogQuantizer.forward`` before the bias fold: AdaLog(x + η) - η with the evaluation tables."""
+        t1, t2 = (t.to(x.device) for t in adalog_tables(self.a_bits, int(self.q.item()), self.r))
+        return adalog_dequant(x + self.shift, self.a_scale, self.q, self.r, self.a_bits, t1, t2) - self.shift
+
+    def input_candidates(self, l: float = 0.9, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        pct = torch.tensor([l, r], device=self.x.device)
+        bc = self.x.shape[0]
+        while True:
+            try:
+                cands = positive_percentile(self.x[:bc].reshape(-1), pct) + self.shift.item()
+                break
+            except RuntimeError:
+                bc = bc // 2
+        cands = cands.unsqueeze(0)
+        steps = torch.tensor([i / (self.eq_n - 1) for i in range(self.eq_n)], device=self.x.device).view(1, -1)
+        return cands, cands[:, 0:1] + (cands[:, 1:] - cands[:, 0:1]) * steps
+
+    def _log_scores(self, scales: torch.Tensor, qs: torch.Tensor, topk: int) -> torch.Tensor:
+        """Shared body of ``_search_best_log_base`` and ``_search_best_scale_logbase``: (1, k) scale and q stacks."""
+        batch_sims = []
+        for b in self.batches(self.x.shape[0]):
+            x = self.x[b]
+            raw = self.out[b].unsqueeze(-2)
+            sims = []
+            for c in self.chunks():
+                cur_q = qs[:, c]
+                cur_s = scales[:, c] if scales.shape[-1] > 1 else scales
+                w_sim = self.quant_weight()
+                xs = x.unsqueeze(-1)
+                shifted = ((xs + self.shift) / cur_s).clamp(min=LOG_FLOOR, max=1.0)
+                codes = torch.round(-shifted.log2() * self.r / cur_q)
+                value = table_dequant(codes, cur_q, self.a_bits, self.r, self.table)
+                x_sim = (value * cur_s - self.shift).permute(*list(range(value.ndim - 2)), -1, -2)
+                sim = torch.mean(similarity(raw, F.linear(x_sim, w_sim, self.bias)), dim=-1)
+                if sim.ndim > 2:
+                    sim = torch.mean(sim, dim=list(range(1, sim.ndim - 1)))
+                sims.append(torch.sum(sim, dim=0, keepdim=True))
+            batch_sims.append(torch.cat(sims, dim=1))
+        total = torch.cat(batch_sims, dim=0).sum(dim=0, keepdim=True)
+        _, index = torch.topk(total, k=topk, dim=-1)
+        return index
+
+    def log_base(self, qs: torch.Tensor, topk: int) -> torch.Tensor:
+        index = self._log_scores(self.a_scale, qs, topk)
+        if topk == 1:
+            self.q = torch.gather(qs, -1, index).view(1)
+        return index
+
+    def scale_log_base(self, scales: torch.Tensor, qs: torch.Tensor, topk: int) -> torch.Tensor:
+        index = self._log_scores(scales, qs, topk)
+        if topk == 1:
+            self.a_scale = torch.gather(scales, -1, index).squeeze(-1)
+            self.q = torch.gather(qs, -1, index).view(1)
+        return index
+
+    def activation_fpcs(self, bounds: torch.Tensor, base_num: int = 8, scale_num: int = 16, width: int = 32) -> None:
+        """``PostGeluLogBasedBatchingQuantLinear.activation_fpcs``: the best ``base_num`` q, a joint (s, q) grid,
+        then FPCS on s."""
+        dev = self.x.device
+        new_cnt = int(self.eq_n / width)
+        qs = torch.tensor([i for i in range(10, 11 + self.eq_n)], device=dev).view(1, -1)
+        q_index = self.log_base(qs, topk=base_num)
+        fractions = torch.tensor([i / (scale_num - 1) for i in range(scale_num)], device=dev).view(1, -1)
+        scales = bounds[:, 0:1] + (bounds[:, 1:] - bounds[:, 0:1]) * fractions
+        delta = scales[:, 1:2] - scales[:, 0:1]
+        scales = scales.repeat(1, base_num)
+        qs = torch.gather(qs, -1, q_index).repeat_interleave(scale_num, dim=-1)
+        index = self.scale_log_base(scales, qs, topk=width)
+        top_s, top_q = torch.gather(scales, -1, index), torch.gather(qs, -1, index)
+        remain = self.s.steps - 1
+        while remain > 0:
+            offsets = (torch.linspace(0, 1, steps=new_cnt, device=dev)[None, :] - 0.5) * delta
+            delta = delta / (new_cnt - 0.5)
+            scales = (top_s.unsqueeze(-1) + offsets.unsqueeze(-2)).reshape(*scales.shape[:-1], -1)
+            qs = top_q.repeat_interleave(new_cnt, dim=-1)
+            index = self.scale_log_base(scales, qs, topk=1 if remain == 1 else width)
+            if remain > 1:
+                top_s, top_q = torch.gather(scales, -1, index), torch.gather(qs, -1, index)
+            remain -= 1
+
+    def search(self) -> None:
+        """``PostGeluLogBasedBatchingQuantLinear.hyperparameter_searching`` (fpcs)."""
+        if not self.s.fpcs:
+            raise NotImplementedError("AdaLog's post-GELU search is implemented with FPCS only (configs: fpcs=True)")
+        self._init_chunks()
+        self.fpcs(self.weight_candidates(), self.w_self, dim=0)
+        bounds, scales = self.input_candidates()
+        self.a_scale = scales[:, -2].clone()
+        for _ in range(self.s.search_round):
+            self.activation_fpcs(bounds)
+            self.fpcs(self.weight_candidates(), self.w_out, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------- matmul
+
+
+class MatMulSearch(_Searcher):
+    """A·B with per-head (dim 1) uniform grids on both operands, or an AdaLog post-Softmax A (``post_softmax``)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, a_bits: int, b_bits: int,
+                 settings: SearchSettings, post_softmax: bool = False) -> None:
+        super().__init__(settings)
+        self.a, self.b, self.out = a, b, out
+        self.heads = a.shape[1]
+        self.a_n, self.b_n = 2 ** (a_bits - 1), 2 ** (b_bits - 1)
+        self.a_bits = a_bits
+        self.post_softmax = post_softmax
+        shape = (1, self.heads, 1, 1)
+        dev = a.device
+        self.a_scale, self.a_zp = torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
+        self.b_scale, self.b_zp = torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
+        if post_softmax:
+            self.r = float(settings.r)
+            self.q = torch.tensor([settings.r], device=dev)
+            self.table = search_table(a_bits, settings.r, dev)
+        n = a.shape[0]
+        numel = 4 * a[:n].numel() + 4 * b[:n].numel() + 8 * out[: settings.batch_size].numel()
+        self.par = parallel_eq_n(self.eq_n, numel, settings.memory_bytes)
+
+    def quant_a(self, a: torch.Tensor) -> torch.Tensor:
+        if self.post_softmax:  # AdaLogQuantizer.forward with s = 1 and the evaluation tables of the current q
+            t1, t2 = (t.to(a.device) for t in adalog_tables(self.a_bits, int(self.q.item()), self.r))
+            return adalog_dequant(a, torch.ones(1, 1, 1, 1, device=a.device), self.q, self.r, self.a_bits, t1, t2)
+        return affine(a, self.a_scale, self.a_zp, 2 * self.a_n - 1)
+
+    def quant_b(self, b: torch.Tensor) -> torch.Tensor:
+        return affine(b, self.b_scale, self.b_zp, 2 * self.b_n - 1)
+
+    def candidates(self, x: torch.Tensor, l: float = 0.9, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``calculate_percentile_candidates``: per-head percentile ranges (the B operand's bit-width for both)."""
+        num_zp = min(16, self.b_n)
+        num_scale = int(self.eq_n / num_zp)
+        pct = torch.tensor([l, r])
+        per_head = x.transpose(0, 1).contiguous()
+        uppers = quantile_mean(per_head, pct, rows_first=True)
+        lowers = quantile_mean(per_head, 1 - pct, rows_first=True)
+        delta_min = (uppers[0] - lowers[0]).view(1, 1, -1, 1, 1)
+        delta_max = (uppers[1] - lowers[1]).view(1, 1, -1, 1, 1)
+        splits = torch.linspace(0, 1, steps=num_scale, device=x.device)[:, None, None, None, None] * (delta_max - delta_min)
+        scales = (delta_min + splits).repeat(num_zp, 1, 1, 1, 1) / (2 * self.b_n - 1)
+        zp_min, zp_max = int(self.b_n - num_zp / 2), int(self.b_n + num_zp / 2)
+        zps = torch.tensor(range(zp_min, zp_max), device=x.device).repeat_interleave(num_scale)[:, None, None, None, None]
+        return scales, zps.repeat(1, *scales.shape[1:])
+
+    def _uniform_scores(self, scales: torch.Tensor, zps: torch.Tensor, topk: int, operand: str) -> torch.Tensor:
+        batch_sims = []
+        for bs in self.batches(self.a.shape[0]):
+            a, b = self.a[bs], self.b[bs]
+            fixed = self.quant_b(b).unsqueeze(0) if operand == "a" else self.quant_a(a).unsqueeze(0)
+            raw = self.out[bs].unsqueeze(0)
+            sims = []
+            for c in self.chunks():
+                s, z = scales[c], zps[c]
+                x = (a if operand == "a" else b).squeeze(0)
+                n = 2 * (self.a_n if operand == "a" else self.b_n) - 1
+                xq = ((x / s).round_() + z).clamp(0, n)
+                x_sim = (xq - z).mul_(s)
+                out = x_sim @ fixed if operand == "a" else fixed @ x_sim
+                sim = torch.mean(similarity(raw, out), dim=list(range(3, out.ndim)))
+                sims.append(sim.sum(dim=1, keepdim=True))
+            batch_sims.append(torch.cat(sims, 0))
+        total = torch.cat(batch_sims, dim=1).sum(dim=1, keepdim=False)
+        _, index = torch.topk(total, k=topk, dim=0)
+        index = index.view(topk, 1, -1, 1, 1)
+        if topk == 1:
+            scale = torch.gather(scales, 0, index).view(1, self.heads, 1, 1)
+            zp = torch.gather(zps, 0, index).view(1, self.heads, 1, 1).to(scale.dtype)
+            if operand == "a":
+                self.a_scale, self.a_zp = scale, zp
+            else:
+                self.b_scale, self.b_zp = scale, zp
+        return index
+
+    def a_scores(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:
+        return self._uniform_scores(scales, zps, topk, "a")
+
+    def b_scores(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:
+        return self._uniform_scores(scales, zps, topk, "b")
+
+    def a_log_base(self) -> None:
+        """``_search_best_A_log_base``: q = 10..10+eq_n-1 on the post-Softmax map (s = 1), one q per tensor."""
+        qs = torch.tensor([i for i in range(10, 11 + self.eq_n)], device=self.a.device).view(-1, 1, 1, 1, 1)
+        batch_sims = []
+        for bs in self.batches(self.a.shape[0]):
+            a, b = self.a[bs], self.b[bs]
+            b_sim = self.quant_b(b).unsqueeze(0)
+            raw = self.out[bs].unsqueeze(0)
+            sims = []
+            for c in self.chunks():
+                cur_q = qs[c]
+                codes = torch.round(-a.squeeze(0).log2() * self.r / cur_q)
+                a_sim = table_dequant(codes, cur_q, self.a_bits, self.r, self.table)
+                out = a_sim @ b_sim
+                sim = torch.mean(similarity(raw, out), dim=list(range(2, out.ndim)))
+                sims.append(sim.sum(dim=1, keepdim=True))
+            batch_sims.append(torch.cat(sims, 0))
+        total = torch.cat(batch_sims, dim=1).sum(dim=1, keepdim=True)
+        _, index = torch.topk(total, k=1, dim=0)
+        self.q = torch.gather(qs, 0, index.view(1, 1, 1, 1, 1)).view(1)
+
+    def search(self) -> None:
+        """``hyperparameter_searching`` of the two official matmul classes (fpcs)."""
+        if not self.s.fpcs:
+            raise NotImplementedError("AdaLog's matmul search is implemented with FPCS only (configs: fpcs=True)")
+        b_c, b_z = self.candidates(self.b)
+        self.b_scale, self.b_zp = b_c[-2].view(1, self.heads, 1, 1), b_z[-2].view(1, self.heads, 1, 1).float()
+        if self.post_softmax:
+            for _ in range(self.s.search_round):
+                self.a_log_base()
+                self.fpcs(self.candidates(self.b), self.b_scores, dim=0)
+            return
+        a_c, a_z = self.candidates(self.a)
+        self.a_scale, self.a_zp = a_c[-2].view(1, self.heads, 1, 1), a_z[-2].view(1, self.heads, 1, 1).float()
+        for _ in range(self.s.search_round):
+            self.fpcs(self.candidates(self.a), self.a_scores, dim=0)
+            self.fpcs(self.candidates(self.b), self.b_scores, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------- conv
+
+
+class ConvSearch(_Searcher):
+    """The patch-embedding conv: per-output-channel weight grid searched on the output; the input stays FP."""
+
+    def __init__(self, conv: torch.nn.Conv2d, x: torch.Tensor, out: torch.Tensor, w_bits: int, settings: SearchSettings) -> None:
+        super().__init__(settings)
+        self.conv, self.x, self.out = conv, x, out
+        self.weight = conv.weight.detach()
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        self.w_n = 2 ** (w_bits - 1)
+        self.oc = self.weight.shape[0]
+        b = settings.batch_size
+        self.par = parallel_eq_n(self.eq_n, 2 * x[:b].numel() + 2 * out[:b].numel(), settings.memory_bytes)
+
+    def weight_candidates(self, l: float = 0.9, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        num_zp = self.w_n
+        num_scale = int(self.eq_n / num_zp)
+        pct = torch.tensor([l, r])
+        w = self.weight.view(self.oc, -1)
+        uppers = torch.quantile(w, pct.to(w.device), dim=-1).unsqueeze(-1)
+        lowers = torch.quantile(w, (1 - pct).to(w.device), dim=-1).unsqueeze(-1)
+        delta_min = uppers[0:1] - lowers[0:1]
+        delta_max = uppers[1:] - lowers[1:]
+        splits = torch.linspace(0, 1, steps=num_scale, device=w.device)[:, None, None] * (delta_max - delta_min)
+        scales = (delta_min + splits).repeat(num_zp, 1, 1) / (2 * self.w_n - 1)
+        zp_min, zp_max = int(self.w_n - num_zp / 2), int(self.w_n + num_zp / 2)
+        zps = torch.tensor(range(zp_min, zp_max), device=w.device).repeat_interleave(num_scale)[:, None, None]
+        return scales, zps.repeat(1, self.oc, 1)
+
+    def w_out(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:
+        batch_sims = []
+        oc, ic, kh, kw = self.weight.shape
+        for bs in self.batches(self.x.shape[0]):
+            x = self.x[bs]
+            raw = self.out[bs].unsqueeze(1)
+            sims = []
+            for c in self.chunks():
+                s, z = scales[c], zps[c]
+                k = s.shape[0]
+                w = self.weight.view(oc, -1).unsqueeze(0)
+                wq = ((w / s).round_() + z).clamp(0, 2 * self.w_n - 1)
+                w_sim = (wq - z).mul_(s).view(-1, ic, kh, kw)
+                b_sim = self.bias.repeat(k) if self.bias is not None else None
+                out = F.conv2d(x, w_sim, b_sim, self.conv.stride, self.conv.padding, self.conv.dilation, self.conv.groups)
+                out = torch.cat(torch.chunk(out.unsqueeze(1), chunks=k, dim=2), dim=1)
+                sim = torch.mean(similarity(raw, out), [3, 4])
+                sims.append(torch.sum(sim, dim=0, keepdim=True))
+            batch_sims.append(torch.cat(sims, dim=1))
+        total = torch.cat(batch_sims, dim=0).sum(dim=0, keepdim=False)
+        _, index = torch.topk(total, k=topk, dim=0)
+        index = index.view(topk, -1, 1)
+        if topk == 1:
+            self.w_scale = torch.gather(scales, 0, index).squeeze(0)
+            self.w_zp = torch.gather(zps, 0, index).squeeze(0).to(self.w_scale.dtype)
+        return index
+
+    def search(self) -> None:
+        """``AsymmetricallyBatchingQuantConv2d.hyperparameter_searching`` at qconv_a_bit = 8: one FPCS round."""
+        scales, zps = self.weight_candidates()
+        self.w_scale, self.w_zp = scales[-2], zps[-2].float()
+        if self.s.fpcs:
+            self.fpcs(self.weight_candidates(), self.w_out, dim=0)
+        else:
+            self.w_out(scales, zps)

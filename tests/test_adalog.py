@@ -1,0 +1,224 @@
+"""AdaLog: the adaptive-base log grid by hand, the shifted post-GELU variant and its bias fold, the recipe's
+placement and options, and pins against the official code's output on a tiny ViT (tests/fixtures/adalog_tiny_*.npz)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ptq_bench.calibration import image_calibration
+from ptq_bench.compare import IGNORED_QPARAMS, qparam_diffs, weight_diffs
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.models import named_quantizers
+from ptq_bench.quant import QUANTIZERS
+from ptq_bench.quant.adalog import (
+    AdaLogQuantizer,
+    ShiftAdaLogQuantizer,
+    adalog_dequant,
+    adalog_tables,
+    fold_shift_into_bias_,
+)
+from ptq_bench.quant.layers import QuantLinear
+from ptq_bench.quant.log import Log2Quantizer
+from ptq_bench.quant.uniform import UniformQuantizer
+from test_repq_vit import synthetic_batch, tiny_vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GELU_MIN = 0.16997124254703522
+
+
+def adalog(bits: int, scale: float, q: int, cls: type = AdaLogQuantizer, **options) -> AdaLogQuantizer:
+    quantizer = cls(bits, **options)
+    quantizer.set_params(torch.tensor(scale), q)
+    return quantizer
+
+
+# ---------------------------------------------------------------------------------------------- grid by hand
+
+
+def test_tables_by_hand_for_q16_r37_4bit() -> None:
+    """T1[e] = floor(16e/37), T2[e] = round(2^(-(16e mod 37)/37)·30)/30 (4·2^3 - 2 = 30)."""
+    t1, t2 = adalog_tables(4, 16)
+    assert t1[:4].tolist() == [0.0, 0.0, 0.0, 1.0]
+    # e=1: 2^(-16/37) = 0.7405 -> 22/30; e=2: 2^(-32/37) = 0.5495 -> 16/30; e=3: 48 = 37+11, 2^(-11/37) = 0.8138 -> 24/30
+    assert torch.equal(t2[:4], torch.tensor([1.0, 22 / 30, 16 / 30, 24 / 30], dtype=torch.float32))
+    assert t1[15].item() == math.floor(15 * 16 / 37) == 6
+
+
+def test_levels_by_hand() -> None:
+    quantizer = adalog(4, 2.0, 16)
+    levels = 2.0 * torch.tensor([1.0, 22 / 30, 16 / 30, 0.5 * 24 / 30])
+    assert torch.equal(quantizer(levels), levels)  # a level maps to itself
+    # x/s = 0.35: -log2(0.35)·37/16 = 3.50... -> code 4 (48 -> 64 = 37+27: 2^-1·round(2^(-27/37)·30)/30 = 0.5·18/30)
+    code = round(-math.log2(0.35) * 37 / 16)
+    assert code == 4
+    assert torch.equal(quantizer(torch.tensor([0.7])), torch.tensor([2.0 * 0.5 * 18 / 30]))
+    # above s: code 0 (the top level s); zero and values below the grid (code >= 16): 0
+    assert quantizer(torch.tensor([5.0, 0.0, 2.0 * 2.0 ** (-16 * 16 / 37 - 1)])).tolist() == [2.0, 0.0, 0.0]
+
+
+def test_q_equal_r_is_log2() -> None:
+    x = torch.rand(1000) * 3
+    log2 = Log2Quantizer(4)
+    log2.set_scale(torch.tensor(2.5))
+    assert torch.equal(adalog(4, 2.5, 37)(x), log2(x))
+
+
+def test_table_path_equals_the_official_forward() -> None:
+    quantizer = adalog(3, 0.9, 23)
+    x = torch.rand(4096) * 1.2
+    official = adalog_dequant(x, quantizer.scale.reshape(1), quantizer.q.reshape(1), 37.0, 3, quantizer.table1, quantizer.table2)
+    assert torch.equal(quantizer(x), official)
+
+
+def test_export_is_the_level_table() -> None:
+    grid = adalog(4, 1.5, 20).export()
+    assert grid.kind == "non_uniform" and grid.bits == 4
+    assert grid.levels.numel() == 17 and grid.levels[0] == 0 and grid.levels[-1] == 1.5
+    assert torch.all(grid.levels[1:] >= grid.levels[:-1])
+
+
+def test_straight_through_gradient_and_learnable_scale() -> None:
+    quantizer = adalog(4, 1.0, 30)
+    x = (torch.rand(64) * 0.9 + 0.05).requires_grad_()
+    y = quantizer(x)  # the official training path: 2^(-e·q/r)·s with the code e rounded straight-through
+    y.sum().backward()
+    expected = (y / x).detach()  # d(2^(log2(x/s)·(rounded/unrounded))·s)/dx = ŷ/x; 0 below the grid
+    assert torch.allclose(y.detach(), quantizer(x.detach()), rtol=0, atol=1 / 60)  # the table rounds T2 to 1/30
+    assert torch.allclose(x.grad, expected, rtol=1e-5, atol=0) and expected.gt(0).any()
+    assert quantizer.learnable_parameters() == {"scale": "range"}
+
+
+def test_lazy_calibration_picks_a_q_in_range() -> None:
+    quantizer = AdaLogQuantizer(4)
+    quantizer.calibrating = True
+    quantizer(torch.softmax(torch.randn(8, 50), dim=-1))
+    assert quantizer.calibrated and 10 <= int(quantizer.q) <= 137
+
+
+# ---------------------------------------------------------------------------------------------- shift variant
+
+
+def test_shift_variant_and_bias_fold() -> None:
+    quantizer = adalog(4, 3.0, 12, ShiftAdaLogQuantizer)
+    x = torch.nn.functional.gelu(torch.randn(4, 10, 16) * 2)
+    assert torch.equal(quantizer(x), adalog(4, 3.0, 12)(x + torch.tensor([GELU_MIN])) - torch.tensor([GELU_MIN]))
+    assert (quantizer(x) < 0).any()  # GELU's negative values stay on the grid
+
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    weight_quantizer = UniformQuantizer(4, granularity="channel", channel_dim=0)
+    weight_quantizer.set_params(linear.weight.detach().abs().amax(1, keepdim=True) / 7, torch.full((8, 1), 8.0))
+    layer = QuantLinear.convert_(linear, weight_quantizer, quantizer)
+    before = layer(x)
+    fold_shift_into_bias_(layer)
+    assert bool(quantizer.bias_reparamed)
+    assert torch.allclose(layer(x), before, atol=1e-5)  # -η·Ŵ moved from the input into the bias
+
+
+def test_capabilities_and_registry() -> None:
+    assert QUANTIZERS.get("adalog").capabilities == {"post_softmax", "post_gelu", "log_domain"}
+    assert QUANTIZERS.get("adalog_shift").capabilities == {"post_gelu", "log_domain"}
+    method = build_method("minmax", BitWidth(4, 4), quantizers={"post_softmax": "adalog"})
+    assert method.quantizer_table()["post_softmax"].name == "adalog"
+    with pytest.raises(ConfigError, match="post_softmax"):
+        build_method("minmax", BitWidth(4, 4), quantizers={"post_softmax": "adalog_shift"})
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+def test_recipe_options_and_refusals() -> None:
+    with pytest.raises(ConfigError, match="takes no other quantizers"):
+        build_method("adalog", BitWidth(4, 4), quantizers={"post_gelu": "uniform"})
+    with pytest.raises(ConfigError, match="qconv_a_bit"):
+        build_method("adalog", BitWidth(4, 4), qconv_a_bit=6)
+    table = build_method("adalog", BitWidth(4, 4)).placement()
+    assert table["patch_embed"] is None and table["post_softmax"].name == "adalog"
+    assert table["post_layernorm"].options["granularity"] == "channel"
+    # w != a: the official code does not reparameterize (wrap_net.py: cur_a_bit == cfg.w_bit)
+    assert build_method("adalog", BitWidth(4, 8)).placement()["post_layernorm"].options["granularity"] == "tensor"
+
+
+FAST = {"eq_n": 64, "search_round": 1, "steps": 3}
+
+
+def test_w4a8_runs_without_reparameterization() -> None:
+    model = tiny_vit()
+    norm_weight = model.blocks[0].norm1.weight.detach().clone()
+    calib = synthetic_batch(1000, 4, (3, 32, 32))
+    with torch.no_grad():
+        build_method("adalog", BitWidth(4, 8), **FAST).quantize(model, image_calibration(calib))
+        logits = model(synthetic_batch(2000, 2, (3, 32, 32)))
+    assert torch.equal(model.blocks[0].norm1.weight, norm_weight)
+    assert torch.isfinite(logits).all()
+    assert all(q.calibrated for _, q in named_quantizers(model))
+
+
+# ---------------------------------------------------------------------------------------------- official pin
+
+
+def _pin(fixture_name: str, **options) -> None:
+    with np.load(FIXTURES / fixture_name) as z:
+        fixture = {k: z[k] for k in z.files}
+    meta = json.loads(str(fixture["meta"]))
+    assert meta["options"] == options
+    model = tiny_vit()
+    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
+    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    with torch.no_grad():
+        assert torch.equal(model(evalx), torch.from_numpy(fixture["logits/fp"]))
+        build_method("adalog", BitWidth(meta["w_bits"], meta["a_bits"]), **options).quantize(model, image_calibration(calib))
+        logits = model(evalx)
+    diffs = qparam_diffs(model, fixture, IGNORED_QPARAMS["adalog"])
+    assert len(diffs) == meta["n_qparams"] - 1  # all but the unused 8-bit patch-embedding input quantizer
+    worst = max(diffs, key=lambda d: d.max_abs)
+    assert worst.max_abs == 0.0, worst  # bit-exact: scales, zero points, q, tables, shift
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
+
+
+def test_matches_official_code_on_tiny_vit_fast_config() -> None:
+    """Every quantizer parameter and the quantized logits equal the official code's (GoatWu/AdaLog @ 75a57d2, via
+    shared/oracles/adalog_family_oracle.py on this tiny ViT with configs/4bit.py changed to eq_n 64, one search
+    round, 3 FPCS steps: the same code paths at a sixth of the cost)."""
+    _pin("adalog_tiny_w4a4_fast.npz", **FAST)
+
+
+def test_chunking_moves_near_ties_only() -> None:
+    """Another search memory splits the candidate stacks into other chunks: the scores' float summation changes, so
+    near-tied candidates may rank differently, but only in the last bits (hence search_memory_gb is an option of
+    the run's identity, and 8, the oracle's fake device, is the bit-exact setting)."""
+    with np.load(FIXTURES / "adalog_tiny_w4a4_fast.npz") as z:
+        fixture = {k: z[k] for k in z.files}
+    meta = json.loads(str(fixture["meta"]))
+    model = tiny_vit()
+    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
+    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    with torch.no_grad():
+        build_method("adalog", BitWidth(4, 4), **FAST, search_memory_gb=0.02).quantize(model, image_calibration(calib))
+        logits = model(evalx)
+    worst = max(qparam_diffs(model, fixture, IGNORED_QPARAMS["adalog"]), key=lambda d: d.max_rel)
+    assert worst.max_rel < 1e-5, worst
+    assert torch.allclose(logits, torch.from_numpy(fixture["logits/q"]), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_matches_official_code_on_tiny_vit_paper_config() -> None:
+    """The same pin with configs/4bit.py as it is (eq_n 128, 3 rounds, 6 FPCS steps; 8 calibration images)."""
+    _pin("adalog_tiny_w4a4.npz")
+
+
+def test_weight_diffs_skip_quantizer_tensors() -> None:
+    arrays = {"q_weight/head.weight": np.zeros((2, 2), np.float32), "q_weight/x.a_quantizer.q": np.zeros(1, np.float32),
+              "qparam/x.a_quantizer.q": np.zeros(1, np.float32)}
+    model = nn.Module()
+    model.head = nn.Linear(2, 2)
+    nn.init.zeros_(model.head.weight)
+    assert [d.official for d in weight_diffs(model, arrays)] == ["head.weight"]
