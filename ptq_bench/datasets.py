@@ -14,15 +14,11 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ptq_bench.errors import ConfigError, DataError
+from ptq_bench.paths import expand_path
 from ptq_bench.labels import LabelMap
 
 #: At most this many DataLoader workers when ``data.workers`` is ``auto``.
 MAX_AUTO_WORKERS = 8
-
-
-def expand_path(path: str | Path) -> Path:
-    """``path`` with ``~`` and ``$VAR``/``${VAR}`` expanded (for data roots and checkpoints)."""
-    return Path(os.path.expandvars(str(path))).expanduser()
 
 
 def available_cpus() -> int:

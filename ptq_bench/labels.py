@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ptq_bench.errors import ConfigError, DataError
+from ptq_bench.paths import expand_path
 
 #: ``data.labels`` values (code default = conf/data/imagenet.yaml's).
 LABEL_SOURCES = ("auto", "imagenet-1k", "folder")
@@ -79,8 +80,6 @@ def imagenet_1k() -> LabelMap:
 
 def read_class_map(path: str) -> LabelMap:
     """``data.class_map``: one class folder name per line, line k naming output k; trailing blank lines ignored."""
-    from ptq_bench.datasets import expand_path
-
     file = expand_path(path)
     if not file.is_file():
         raise DataError(f"data.class_map={path!r}: file not found")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.checks import integer, optional_integer
 from ptq_bench.errors import CheckpointError, ConfigError, DataError
 from ptq_bench.models.build import ModelInfo, parameters_sha256, read_checkpoint
-from ptq_bench.paths import conf_path
+from ptq_bench.paths import conf_path, expand_path
 from tasks import TASKS
 from tasks.base import Task
 from tasks.classification import draw_indices
@@ -70,10 +69,6 @@ def mmdet_config(model_cfg: DictConfig) -> Any:
     if options:
         cfg.merge_from_dict(options)
     return cfg
-
-
-def expand_path(path: str | Path) -> Path:
-    return Path(os.path.expandvars(str(path))).expanduser()
 
 
 def quiet_init_weights(model: nn.Module) -> None:

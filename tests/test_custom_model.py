@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torchvision import transforms
 
 from conftest import REPO, make_image_folder
-from ptq_bench.datasets import expand_path, resolve_workers
+from ptq_bench.datasets import resolve_workers
+from ptq_bench.paths import expand_path
 from ptq_bench.errors import ConfigError
 from ptq_bench.eval_transform import eval_transform, eval_transform_config
 from ptq_bench.models.build import load_checkpoint_, state_dict_sha256

@@ -21,7 +21,7 @@ import torch
 from hydra.errors import InstantiationException
 from torch import nn
 
-from ptq_bench.datasets import expand_path
+from ptq_bench.paths import expand_path
 from ptq_bench.errors import CheckpointError, ConfigError, NumericalError
 
 log = logging.getLogger(__name__)
