@@ -12,12 +12,14 @@ from ptq_bench.errors import ConfigError
 from ptq_bench.paths import expand_path
 
 
-def integer(value: Any, key: str, minimum: int | None = None) -> int:
-    """An int (never a bool, a float such as 2.5 or a string), at least ``minimum``."""
+def integer(value: Any, key: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An int (never a bool, a float such as 2.5 or a string), at least ``minimum`` and at most ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key}={value!r}: must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
     if minimum is not None and value < minimum:
         raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key}={value!r}: must be an integer <= {maximum}")
     return value
 
 
@@ -47,7 +49,12 @@ def choice(value: Any, key: str, allowed: Sequence[Any]) -> Any:
 
 
 def writable_directory(path: str | Path, key: str) -> Path:
-    """Create ``path`` if needed and prove it writable (a temporary file), before any work."""
+    """Create ``path`` if needed and prove it writable (a temporary file), before any work. An empty path (which
+    would mean the current directory) is refused."""
+    if not isinstance(path, (str, Path)):
+        raise ConfigError(f"{key}={path!r}: must be a folder path")
+    if not str(path).strip():
+        raise ConfigError(f"{key}={str(path)!r}: an empty path; give a folder")
     directory = expand_path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)

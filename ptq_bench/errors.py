@@ -27,3 +27,7 @@ class InvariantError(PTQBenchError):
 
 class NumericalError(PTQBenchError):
     """NaN or Inf in weights, calibration statistics or model outputs: no number is better than a wrong one."""
+
+
+class OutputError(PTQBenchError):
+    """A result that could not be written (a full disk, a folder turned read-only): nothing half-written is left."""

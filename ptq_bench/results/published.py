@@ -11,11 +11,17 @@ values of the other sources that disagree are kept as notes, so the report can s
 
 from __future__ import annotations
 
+import csv
+import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+
+from ptq_bench.errors import DataError
 
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "results" / "published" / "published.csv"
 
@@ -39,6 +45,8 @@ METRIC_KEYS: dict[tuple[str, str], tuple[str, str]] = {
 COLUMNS = ["paper", "method", "model", "task", "dataset", "wbits", "abits", "metric", "value", "source"]
 SECONDARY = "SECONDARY"
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Published:
@@ -55,10 +63,52 @@ class Published:
 
 
 def load_published(path: Path = DEFAULT_CSV) -> pd.DataFrame:
-    """Every row of the published CSV, all tasks (empty frame if the file is absent)."""
+    """Every row of the published CSV, all tasks (empty frame if the file is absent).
+
+    The file is never trusted, as the record store never trusts its folder: a row that is not a published number
+    (a field too many or too few, a ``value`` that is not a finite number, a ``wbits``/``abits`` that is not an
+    integer) is skipped with one warning naming the file and line; a file that cannot be read, or whose header lacks
+    a column, is one :class:`DataError`."""
     if not path.is_file():
         return pd.DataFrame(columns=COLUMNS)
-    return pd.read_csv(path)
+    rows: list[list[str]] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            missing = [name for name in COLUMNS if name not in header]
+            if missing:
+                raise DataError(f"published CSV {path}: its header line has no column(s) {', '.join(missing)} "
+                                f"(expected: {','.join(COLUMNS)})")
+            for fields in reader:
+                if not any(field.strip() for field in fields):
+                    continue  # a blank line
+                problem = row_problem(header, fields)
+                if problem:
+                    log.warning("skipped line %d of the published CSV %s: %s", reader.line_num, path, problem)
+                    continue
+                rows.append(fields)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"published CSV {path}: unreadable ({type(error).__name__}: {error})") from None
+    table = pd.DataFrame(rows, columns=header)
+    return table.astype({"wbits": "int64", "abits": "int64", "value": "float64"})
+
+
+def row_problem(header: Sequence[str], fields: Sequence[str]) -> str | None:
+    """Why ``fields`` (one CSV row) is not a published number under ``header``, or None when it is one."""
+    if len(fields) != len(header):
+        return f"{len(fields)} fields where the header has {len(header)}"
+    row = dict(zip(header, fields))
+    for name in ("wbits", "abits"):
+        if not re.fullmatch(r"\s*\d+\s*", row[name]):
+            return f"{name}={row[name]!r} is not an integer bit-width"
+    try:
+        value = float(row["value"])
+    except ValueError:
+        return f"value={row['value']!r} is not a number"
+    if not math.isfinite(value):
+        return f"value={row['value']!r} is not a finite number"
+    return None
 
 
 def candidates(table: pd.DataFrame, task: str, metric: str, method: str, model: str,

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ptq_bench.errors import OutputError
+
 SCHEMA_VERSION = 2  # 2: task adapters (primary_metric, method_label; code_version in run keys)
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600.0
@@ -143,21 +145,29 @@ class RecordStore:
     def write(self, record: Mapping[str, Any]) -> Path:
         """Write to a temporary file in the same directory, then rename: readers never see a partial record.
 
-        The file is created with mode 0666 less the umask (0644 under the usual umask 022).
+        The file is created with mode 0666 less the umask (0644 under the usual umask 022). When the write fails
+        (a full disk, a folder turned read-only), the temporary file is removed and :class:`OutputError` says, in
+        one line, which record was not written.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.clean_stale_tmp()
         target = self.path(record["run_key"])
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.json"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.clean_stale_tmp()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(record, handle, indent=2, sort_keys=True, default=str)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as error:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as cleanup:
+                log.warning("could not delete the temporary file %s: %s", tmp, cleanup)
+            if isinstance(error, OSError):
+                reason = error.strerror or str(error) or type(error).__name__
+                raise OutputError(f"the record {target} was not written: {reason}") from error
             raise
         return target
 
