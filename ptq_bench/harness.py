@@ -28,14 +28,19 @@ from ptq_bench.distributed import is_main_process
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
 from ptq_bench.models.coverage import check_calibrated, check_ran, quantized_modules
-from ptq_bench.paths import REPO
+from ptq_bench.paths import REPO, conf_path, expand_path
 from ptq_bench.protocol import apply_protocol, chosen_options
 from ptq_bench.results.environment import environment, peak_memory, start_memory_tracking
 from ptq_bench.results.report import method_label as table_label
 from ptq_bench.results.store import SCHEMA_VERSION, RecordStore, run_key
-from ptq_bench.tracking import check_online, log_to_wandb
+from ptq_bench.tracking import check_logger, log_to_wandb
 
 log = logging.getLogger("ptq_bench")
+
+#: numpy's legacy seeding (``np.random.seed``) takes seeds in [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
+#: The keys of the ``bits`` group: any other (``+bits.label=W8A8``) would be taken and ignored.
+BITS_KEYS = ("w", "a")
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,14 @@ def resolve_device(name: str, gpu_slot: Optional[int] = None) -> torch.device:
 def read_settings(cfg: DictConfig, method_uses_calibration: bool, gpu_slot: Optional[int] = None) -> RunSettings:
     """The run-wide settings, each checked by type and range (one line naming the key otherwise); ``gpu_slot`` as
     :func:`resolve_device` takes it."""
+    unknown = sorted(str(key) for key in cfg.bits if key not in BITS_KEYS)
+    if unknown:
+        raise ConfigError(f"bits has no key(s) {', '.join(unknown)} (keys: {', '.join(BITS_KEYS)}; e.g. bits=w8a8 or bits.w=8 bits.a=8)")
     bits = BitWidth(_bits(cfg.bits.w, "bits.w"), _bits(cfg.bits.a, "bits.a"))
     calib = cfg.method.get("calib_size", 0)
     return RunSettings(
         bits=bits,
-        seed=integer(cfg.seed, "seed", 0),
+        seed=integer(cfg.seed, "seed", 0, MAX_SEED),
         device=resolve_device(str(cfg.device), gpu_slot),
         calib_size=integer(calib, "method.calib_size", 1) if method_uses_calibration else 0,
         progress=boolean(cfg.task.progress, "task.progress"),
@@ -90,6 +98,56 @@ def _bits(value: Any, key: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     return integer(value, key)
+
+
+def check_checkpoint_path(model_cfg: DictConfig) -> None:
+    """``model.checkpoint=''`` is a mistake, not "no checkpoint" (that is null): it would run on random weights."""
+    checkpoint = model_cfg.get("checkpoint")
+    if isinstance(checkpoint, str) and not checkpoint.strip():
+        raise ConfigError(f"model.checkpoint={checkpoint!r}: an empty path; give a checkpoint file "
+                          "(model.checkpoint=null runs without one)")
+
+
+def detection_models() -> list[str]:
+    """The model configs of conf/model/ that build a detector (they name an ``mmdet_config``)."""
+    names = []
+    for path in sorted(conf_path("model").glob("*.yaml")):
+        model = OmegaConf.load(path).get("model")
+        if model is not None and "mmdet_config" in model:
+            names.append(path.stem)
+    return names
+
+
+def check_model_task(cfg: DictConfig, task: str) -> None:
+    """A detector (a model config with ``mmdet_config``) runs only under task=coco, and task=coco only runs a
+    detector: checked from the config alone, before the task is built (task=coco imports mmdet)."""
+    name = cfg.model.get("name")
+    detector = "mmdet_config" in cfg.model
+    if task == "coco" and not detector:
+        raise ConfigError(f"model={name} is a classification model, task=coco needs a detection model "
+                          f"({', '.join(detection_models())})")
+    if task != "coco" and detector:
+        raise ConfigError(f"model={name} is a detector (model.mmdet_config), it needs task=coco (task={task} given)")
+
+
+def check_method_folders(method_cfg: DictConfig) -> None:
+    """Every method option naming a folder (``*_dir``, e.g. AIQViT's ``state_dir``) that is set must be a writable
+    folder before any work, not after calibration."""
+    for key, value in method_cfg.items():
+        if str(key).endswith("_dir") and value is not None:
+            writable_directory(value, f"method.{key}")
+
+
+def results_store(path: Any) -> tuple[RecordStore, Optional[ConfigError]]:
+    """The record store of ``results_dir``, created and proven writable; a folder that exists but cannot be written
+    (a read-only archive) is returned with the error to raise when a run would have to write there, so a sweep
+    whose runs all have records still reads them (and prints its table)."""
+    try:
+        return RecordStore(writable_directory(path, "results_dir")), None
+    except ConfigError as error:
+        if isinstance(path, str) and path.strip() and expand_path(path).is_dir():
+            return RecordStore(expand_path(path)), error
+        raise
 
 
 def seed_everything(seed: int) -> None:
@@ -172,20 +230,24 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     jobs run in parallel on one machine (:func:`resolve_device`)."""
     from tasks import TASKS
 
+    boolean(cfg.get("dry_run", False), "dry_run")
+    check_checkpoint_path(cfg.model)
     cfg, protocol = apply_protocol(cfg)  # per-method options, budget caps, checkpoint folder, paper-table cells
     if protocol.skip:  # a job of an experiment's sweep that is not a cell of its table, or a dry run
         log.info("%s", protocol.skip)
         return {"run_key": "", "skipped": protocol.skip}
     task_cls = TASKS.get(str(cfg.task.name))
+    check_model_task(cfg, task_cls.name)
     settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration, gpu_slot)
     if settings.eval_compile and not task_cls.compilable:
         raise ConfigError(f"eval_compile=true: task {task_cls.name} does not call its model as model(batch); leave eval_compile off")
     method = build_method(cfg.method, settings.bits, seed=settings.seed, progress=settings.progress)
+    check_method_folders(cfg.method)
     task = task_cls(cfg, settings.progress)
     task.validate()
     label = run_label(cfg, method)
-    store = RecordStore(writable_directory(cfg.results_dir, "results_dir"))
-    check_online(cfg.logger)
+    store, unwritable = results_store(cfg.results_dir)
+    check_logger(cfg.logger)  # kind and mode; an online mode's server reached
 
     seed_everything(settings.seed)
     model, info = task.build_model()
@@ -196,6 +258,8 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     if stored is not None:
         log.info("run %s already has a record (%s): skipped; pass force=true to redo it", key, store.path(key))
         return stored
+    if unwritable is not None:  # a read-only archive: its records are read, a run that needs one is refused
+        raise ConfigError(f"{unwritable}, and run {key} has no record there to read")
 
     start = time.perf_counter()
     rss_baseline = start_memory_tracking(settings.device)

@@ -2,8 +2,9 @@
 run's row of the table (model, method label, bits, metric, reproduced, published, Δ); a sweep's final table and
 plot as one artifact.
 
-With ``logger.mode=online`` the harness calls :func:`check_online` before any work, so a missing network fails in
-seconds with one line; a failure while logging a finished run is a warning (the record is already written).
+The harness calls :func:`check_logger` before any work: an unknown ``logger.kind`` or wandb mode is one line, and
+with ``logger.mode=online`` a missing network fails in seconds with one line (:func:`check_online`); a failure while
+logging a finished run is a warning (the record is already written).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from ptq_bench.errors import ConfigError
 DEFAULT_HOST = "https://api.wandb.ai"
 CONNECT_TIMEOUT_S = 3.0
 ONLINE_MODES = {"online", "run", "shared"}  # wandb's modes that talk to the server
+#: Every mode wandb.init takes (wandb.Settings.mode); any other is refused before any work.
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+LOGGER_KINDS = ("none", "wandb")
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,23 @@ def connect(host: str, port: int, timeout: float) -> None:
         raise TimeoutError(f"no answer in {timeout:g} s")
     if failure[0] is not None:
         raise failure[0]
+
+
+def check_logger(logger_cfg: Mapping[str, Any], timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Before any work: ``logger.kind`` is one of :data:`LOGGER_KINDS`; for wandb, ``logger.mode`` and a set
+    ``$WANDB_MODE`` are modes wandb takes, and an online mode reaches its server (:func:`check_online`)."""
+    kind = logger_cfg.get("kind", "none")
+    if kind not in LOGGER_KINDS:
+        raise ConfigError(f"logger.kind={kind!r}: must be one of {', '.join(LOGGER_KINDS)} (logger=none switches logging off)")
+    if kind != "wandb":
+        return
+    mode = logger_cfg.get("mode", "offline")
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={mode!r}: wandb takes one of {', '.join(WANDB_MODES)}")
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode is not None and env_mode not in WANDB_MODES:
+        raise ConfigError(f"environment variable WANDB_MODE={env_mode!r}: wandb takes one of {', '.join(WANDB_MODES)}")
+    check_online(logger_cfg, timeout)
 
 
 def check_online(logger_cfg: Mapping[str, Any], timeout: float = CONNECT_TIMEOUT_S) -> None:
