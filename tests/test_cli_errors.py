@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import WNIDS, make_image_folder, run_cli
+from conftest import REPO, WNIDS, make_image_folder, run_cli
 
 FAST = ["logger=none", "task.progress=false", "data.workers=0", "method.calib_size=2"]
 
@@ -91,7 +91,7 @@ def test_unknown_experiment_is_one_line_before_any_work(tmp_path, arg, phrase):
 
 @pytest.mark.parametrize("arg, phrase", [
     ("model=not_a_model", "unknown model 'not_a_model' (known: cascade_mask_rcnn_swin_s, "),
-    ("method=fp,magic", "unknown method 'magic' (known: aiqvit, base_ptq, dopq_vit, fp, "),
+    ("method=fp,magic", f"unknown method 'magic' (known: {', '.join(sorted(p.stem for p in (REPO / 'conf' / 'method').glob('*.yaml')))})"),
     ("bits=w5a5", "unknown bits 'w5a5' (known: "),
     ("+experiments=demo_table", "unknown config key 'experiments' (top-level keys: "),
     ("+methd.iters=3", "unknown config key 'methd'"),
