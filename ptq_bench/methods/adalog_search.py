@@ -53,7 +53,9 @@ def affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax:
 
 
 def similarity(raw: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
-    return -(raw - sim) ** 2
+    """The official -(raw - sim)², computed in place in ``sim`` (a fresh tensor of the full broadcast shape) as
+    -(sim - raw)²: the same values bit for bit (negating a difference is exact), a third of the memory traffic."""
+    return sim.sub_(raw).square_().neg_()
 
 
 def parallel_eq_n(eq_n: int, numel: int, memory_bytes: int) -> int:
@@ -100,13 +102,34 @@ def search_table(bits: int, r: int, device: torch.device) -> torch.Tensor:
 
 
 def table_dequant(codes: torch.Tensor, q: torch.Tensor, bits: int, r: float, table: torch.Tensor) -> torch.Tensor:
-    """The searches' de-quantization of unclamped codes: 2^-floor(e·q/r)·table[(e·q) mod r], 0 for e ≥ 2^b."""
+    """The searches' de-quantization of unclamped codes, as written in the official searches:
+    2^-floor(e·q/r)·table[(e·q) mod r], 0 for e ≥ 2^b."""
     mask = codes >= 2**bits
     codes = codes.clamp_(0, 2**bits - 1)
-    column = torch.remainder(codes * q, r).round_().long()
-    value = (2 ** (-1 * torch.floor(codes * q / r))) * table[column]
-    value[mask] = 0
-    return value
+    product = codes * q
+    column = torch.remainder(product, r).round_().long()
+    value = torch.pow(2, product.div_(r).floor_().mul_(-1)).mul_(torch.take(table, column))
+    return value.masked_fill_(mask, 0)
+
+
+def code_levels(q: torch.Tensor, bits: int, r: float, table: torch.Tensor) -> torch.Tensor:
+    """(k, 2^b + 1): :func:`table_dequant` of every code 0..2^b-1 for each of the k bases ``q``, and a final 0 (the
+    value of codes ≥ 2^b); the same elementwise operations on the same exact integers, so the same values."""
+    codes = torch.arange(2**bits, dtype=torch.float32, device=q.device).view(-1, 1)
+    levels = table_dequant(codes, q.reshape(1, -1), bits, r, table).transpose(0, 1)
+    return torch.cat([levels, levels.new_zeros(levels.shape[0], 1)], dim=1)
+
+
+def dequant_codes(codes: torch.Tensor, q: torch.Tensor, bits: int, r: float, table: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`table_dequant` of ``codes`` whose candidate axis ``dim`` holds the bases ``q`` (k values), by one lookup
+    in the per-candidate level tables of :func:`code_levels` (four passes over the codes instead of a dozen)."""
+    k = q.numel()
+    width = 2**bits + 1
+    shape = [1] * codes.ndim
+    shape[dim] = k
+    offsets = (torch.arange(k, dtype=codes.dtype, device=codes.device) * width).view(shape)
+    index = codes.clamp_(0, 2**bits).add_(offsets).long()
+    return torch.take(code_levels(q, bits, r, table).reshape(-1), index)
 
 
 class _Searcher:
@@ -232,8 +255,8 @@ class LinearSearch(_Searcher):
         sims = []
         for c in self.chunks():
             s, z = scales[c], zps[c]
-            wq = ((raw / s).round_() + z).clamp(0, 2 * self.w_n - 1)
-            sims.append(torch.mean(similarity(raw, (wq - z) * s), dim=-1, keepdim=False))
+            wq = ((raw / s).round_() + z).clamp_(0, 2 * self.w_n - 1)
+            sims.append(torch.mean(similarity(raw, wq.sub_(z).mul_(s)), dim=-1, keepdim=False))
         _, index = torch.topk(torch.cat(sims, dim=0), k=topk, dim=0)
         index = index.reshape(topk, self.n_v, -1, 1)
         if topk == 1:
@@ -282,7 +305,7 @@ class LinearSearch(_Searcher):
                 s, z = scales[:, c], zps[:, c]
                 xs = x.unsqueeze(-1)
                 xq = ((xs / s).round_() + z).clamp_(0, 2 * self.a_n - 1)
-                sim = similarity(raw, (xq - z) * s)
+                sim = similarity(raw, xq.sub_(z).mul_(s))
                 if sim.ndim > 3:
                     sim = torch.mean(sim, dim=list(range(1, sim.ndim - 2)))
                 if not self.channel_wise:
@@ -308,7 +331,7 @@ class LinearSearch(_Searcher):
                 w_sim = self.quant_weight()
                 xs = x.unsqueeze(-1)
                 xq = ((xs / s).round_() + z).clamp_(0, 2 * self.a_n - 1)
-                xd = (xq - z) * s
+                xd = xq.sub_(z).mul_(s)
                 x_sim = xd.permute(*list(range(xd.ndim - 2)), -1, -2)
                 sim = torch.mean(similarity(raw, F.linear(x_sim, w_sim, self.bias)), dim=-1)
                 if sim.ndim > 2:
@@ -401,10 +424,10 @@ class PostGeluSearch(LinearSearch):
                 cur_s = scales[:, c] if scales.shape[-1] > 1 else scales
                 w_sim = self.quant_weight()
                 xs = x.unsqueeze(-1)
-                shifted = ((xs + self.shift) / cur_s).clamp(min=LOG_FLOOR, max=1.0)
-                codes = torch.round(-shifted.log2() * self.r / cur_q)
-                value = table_dequant(codes, cur_q, self.a_bits, self.r, self.table)
-                x_sim = (value * cur_s - self.shift).permute(*list(range(value.ndim - 2)), -1, -2)
+                shifted = ((xs + self.shift) / cur_s).clamp_(min=LOG_FLOOR, max=1.0)
+                codes = torch.div(shifted.log2_().neg_().mul_(self.r), cur_q).round_()
+                value = dequant_codes(codes, cur_q, self.a_bits, self.r, self.table, dim=-1)
+                x_sim = value.mul_(cur_s).sub_(self.shift).permute(*list(range(value.ndim - 2)), -1, -2)
                 sim = torch.mean(similarity(raw, F.linear(x_sim, w_sim, self.bias)), dim=-1)
                 if sim.ndim > 2:
                     sim = torch.mean(sim, dim=list(range(1, sim.ndim - 1)))
@@ -562,8 +585,8 @@ class MatMulSearch(_Searcher):
             sims = []
             for c in self.chunks():
                 cur_q = qs[c]
-                codes = torch.round(-a.squeeze(0).log2() * self.r / cur_q)
-                a_sim = table_dequant(codes, cur_q, self.a_bits, self.r, self.table)
+                codes = torch.div(-a.squeeze(0).log2() * self.r, cur_q).round_()
+                a_sim = dequant_codes(codes, cur_q, self.a_bits, self.r, self.table, dim=0)
                 out = a_sim @ b_sim
                 sim = torch.mean(similarity(raw, out), dim=list(range(2, out.ndim)))
                 sims.append(sim.sum(dim=1, keepdim=True))
