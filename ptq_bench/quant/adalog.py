@@ -24,6 +24,7 @@ an integer backend use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -212,9 +213,12 @@ class ShiftAdaLogQuantizer(AdaLogQuantizer):
     def _unshifted(self, y: torch.Tensor) -> torch.Tensor:
         return y if bool(self.bias_reparamed) else y - self.shift
 
-    def reset(self) -> None:
-        super().reset()
-        self.bias_reparamed = torch.tensor(False, device=self.shift.device)
+    @torch.no_grad()
+    def export(self) -> QuantGrid:
+        grid = super().export()
+        where = ("the next Linear's bias holds -η·Ŵ (folded): these are the levels of x + η" if bool(self.bias_reparamed)
+                 else "levels of x (η subtracted)")
+        return dataclasses.replace(grid, note=f"{grid.note}; shift η = {float(self.shift):.8g}, {where}")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shift={float(self.shift):.6g}, bias_reparamed={bool(self.bias_reparamed)}"
