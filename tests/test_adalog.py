@@ -184,11 +184,12 @@ def _pin(fixture_name: str, **options) -> None:
     assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
 
 
-def test_matches_official_code_on_tiny_vit_fast_config() -> None:
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_matches_official_code_on_tiny_vit_fast_config(bits: int) -> None:
     """Every quantizer parameter and the quantized logits equal the official code's (GoatWu/AdaLog @ 75a57d2, via
-    shared/oracles/adalog_family_oracle.py on this tiny ViT with configs/4bit.py changed to eq_n 64, one search
-    round, 3 FPCS steps: the same code paths at a sixth of the cost)."""
-    _pin("adalog_tiny_w4a4_fast.npz", **FAST)
+    shared/oracles/adalog_family_oracle.py on this tiny ViT with configs/{3,4,6}bit.py changed to eq_n 64, one
+    search round, 3 FPCS steps: the same code paths at a sixth of the cost)."""
+    _pin(f"adalog_tiny_w{bits}a{bits}_fast.npz", **FAST)
 
 
 def test_chunking_moves_near_ties_only() -> None:
