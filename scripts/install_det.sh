@@ -3,7 +3,7 @@
 # ops (RoIAlign, NMS) into a venv, for CPU machines where no prebuilt mmcv matches the installed torch.
 #
 # mmcv 2.x is an sdist only on PyPI. Its setup.py passes -std=c++17, but torch >= 2.14's headers need C++20, so the
-# sdist is downloaded, that one flag is patched and the wheel is built once without build isolation (~8-12 min on
+# sdist is downloaded, that one flag is patched and the wheel is built once without build isolation (~25 min on
 # 2 cores). The wheel is kept in $PTQ_BENCH_WHEELS/torch-<version>/ (default ~/.cache/ptq-bench-wheels), outside
 # the clone and keyed by the torch version (mmcv's ops are compiled against torch's ABI); later runs install it in
 # seconds. Idempotent: an mmcv 2.1.0 whose ops import is left alone.
@@ -37,7 +37,7 @@ if have_mmcv_ops; then
   echo "install_det: mmcv $MMCV_VERSION with compiled ops already installed"
   MMCV_WHEEL=""
 elif [[ -z "$MMCV_WHEEL" ]]; then
-  echo "install_det: building mmcv $MMCV_VERSION for torch $TORCH_VERSION (once; ~10 min on 2 cores) into $WHEEL_DIR"
+  echo "install_det: building mmcv $MMCV_VERSION for torch $TORCH_VERSION (once; ~25 min on 2 cores) into $WHEEL_DIR"
   SRC=$(mktemp -d)
   trap 'rm -rf "$SRC"' EXIT
   "${PIP[@]}" download --no-deps --no-binary :all: "mmcv==$MMCV_VERSION" -d "$SRC"

@@ -9,7 +9,8 @@ runs mmdet's test dataloader pipeline over val2017 and mmdet's ``CocoMetric`` in
 (``mmengine/runner/loops.py``: ``model.test_step`` then ``evaluator.process``; ``evaluator.evaluate`` gathers the
 ranks' results under mmengine's distributed launcher, ``task.launcher``). AP is recorded in percent.
 
-mmdet is imported only when this task runs (the base install does not need it).
+mmdet is imported only when this task runs (the base install does not need it); the OpenMMLab plumbing (imports,
+configs, init, launcher) is :mod:`tasks.mm`'s.
 """
 
 from __future__ import annotations
@@ -30,58 +31,16 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.checks import integer, optional_integer
 from ptq_bench.errors import CheckpointError, ConfigError, DataError
 from ptq_bench.models.build import ModelInfo, parameters_sha256, read_checkpoint
-from ptq_bench.paths import conf_path, expand_path
+from ptq_bench.paths import expand_path
 from tasks import TASKS
 from tasks.base import Task
 from tasks.classification import draw_indices
+from tasks.mm import init_launcher, mmdet_config, quiet_init_weights, require_mmdet
 
 log = logging.getLogger(__name__)
 
-MMDET_CONFIGS = conf_path("mmdet")
-INSTALL_HINT = "task=coco needs the detection extra: run scripts/install_det.sh (README.md, Detection)"
 #: CocoMetric stat names → record suffixes (AP, AP50, AP75, APs/m/l).
 COCO_STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
-LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
-
-
-def require_mmdet() -> None:
-    """Import mmdet/mmengine and register mmdet's modules as the default scope; one line when the extra is missing."""
-    try:
-        import mmcv.ops  # noqa: F401  (compiled RoIAlign/NMS: the source build of scripts/install_det.sh)
-        from mmdet.utils import register_all_modules
-    except ImportError as error:
-        raise ConfigError(f"{INSTALL_HINT} ({error})") from None
-    register_all_modules(init_default_scope=True)
-
-
-def mmdet_config(model_cfg: DictConfig) -> Any:
-    """The mmengine ``Config`` of ``model.mmdet_config`` (a file in conf/mmdet/ or a path) with ``model.cfg_options``
-    (dotted keys, mmengine's ``merge_from_dict``) applied."""
-    from mmengine.config import Config
-
-    name = str(model_cfg.get("mmdet_config") or "")
-    path = expand_path(name) if Path(name).is_absolute() else MMDET_CONFIGS / name
-    if not name or not path.is_file():
-        raise ConfigError(f"model.mmdet_config={name!r}: no such mmdet config (conf/mmdet/ holds {', '.join(sorted(p.name for p in MMDET_CONFIGS.glob('*.py')))})")
-    cfg = Config.fromfile(str(path))
-    options = model_cfg.get("cfg_options")
-    options = OmegaConf.to_container(options, resolve=True) if OmegaConf.is_config(options) else dict(options or {})
-    if options:
-        cfg.merge_from_dict(options)
-    return cfg
-
-
-def quiet_init_weights(model: nn.Module) -> None:
-    """mmengine's ``init_weights`` (random init of every layer), without its INFO line per parameter."""
-    from mmengine.logging import MMLogger
-
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        model.init_weights()
-    finally:
-        logger.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -156,6 +115,32 @@ def coco_dataset(cfg: Any, data_cfg: DictConfig, split: str) -> Any:
     return dataset
 
 
+def check_categories(dataset: Any, ann: Path, num_classes: list[int]) -> None:
+    """The evaluated labels mean what the detector's head means: mmdet numbers the annotation file's categories that
+    carry a class name of the metainfo, in the file's order (``CocoDataset.cat_ids``), and ``CocoMetric`` turns label
+    k into the k-th of them; so the file must list exactly the metainfo's classes, in its order, and every box head
+    must have that many classes. One-line DataError otherwise (a trimmed, reordered or renamed category list)."""
+    classes = list(dataset.metainfo["classes"])
+    with open(ann, encoding="utf-8") as handle:
+        categories = json.load(handle).get("categories") or []
+    names = [c.get("name") for c in categories if c.get("name") in classes]  # pycocotools' get_cat_ids order
+    if names != classes:
+        missing = [name for name in classes if name not in names]
+        what = f"missing {len(missing)}, e.g. {missing[0]!r}" if missing else "in another order"
+        raise DataError(f"{ann}: its categories are not the detector's {len(classes)} classes ({what}); mmdet maps "
+                        "label k to the k-th of the file's categories, so every label would be wrong")
+    wrong = sorted({n for n in num_classes if n != len(classes)})
+    if wrong:
+        raise DataError(f"the detector's box head has {wrong[0]} classes but the dataset's metainfo has {len(classes)}")
+
+
+def box_head_classes(model: nn.Module) -> list[int]:
+    """``num_classes`` of every box head of a two-stage detector (Cascade R-CNN has one per stage)."""
+    heads = getattr(getattr(model, "roi_head", None), "bbox_head", None)
+    heads = heads if isinstance(heads, (list, nn.ModuleList)) else [heads] if heads is not None else []
+    return [int(h.num_classes) for h in heads if hasattr(h, "num_classes")]
+
+
 def subset_indices(size: int, limit: int | None, seed: int) -> list[int] | None:
     """A seeded subset of ``limit`` images (sorted), or None for the whole split."""
     if not limit or limit >= size:
@@ -185,25 +170,13 @@ class Coco(Task):
     def __init__(self, cfg: DictConfig, progress: bool) -> None:
         super().__init__(cfg, progress)
         require_mmdet()
-        self._init_distributed()
+        init_launcher(str(self.cfg.task.get("launcher", "none")))
         self.mmcfg = mmdet_config(cfg.model)
         self.val: Any = None
         self.train: Any = None
         self.eval_indices: list[int] | None = None
         self.converted = False
-
-    def _init_distributed(self) -> None:
-        launcher = str(self.cfg.task.get("launcher", "none"))
-        if launcher not in LAUNCHERS:
-            raise ConfigError(f"task.launcher={launcher!r}: expected one of {', '.join(LAUNCHERS)}")
-        from mmengine.dist import init_dist, is_distributed
-
-        if launcher == "none" or is_distributed():
-            return
-        if launcher == "pytorch" and not torch.cuda.is_available():  # CPU ranks: mmengine's launcher assumes CUDA
-            torch.distributed.init_process_group("gloo")
-        else:
-            init_dist(launcher)
+        self.num_classes: list[int] = []
 
     def identity(self) -> dict[str, Any]:
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
@@ -228,6 +201,7 @@ class Coco(Task):
             sha = parameters_sha256(model)  # random init: buffers (BN statistics, position indices) are their defaults
             log.warning("model '%s' has random weights (no model.checkpoint): AP is not comparable with published numbers", self.cfg.model.name)
         model.eval()
+        self.num_classes = box_head_classes(model)
         num_params = sum(p.numel() for p in model.parameters())
         return model, ModelInfo(str(self.cfg.model.name), str(checkpoint) if checkpoint else None, sha, num_params, checkpoint is None)
 
@@ -244,6 +218,7 @@ class Coco(Task):
 
     def check_data(self, calib_size: int) -> None:
         self.val = coco_dataset(self.mmcfg, self.cfg.data, "val")
+        check_categories(self.val, coco_files(self.cfg.data, "val")[0], self.num_classes)
         self.eval_indices = subset_indices(len(self.val), self.cfg.data.get("max_eval_images"), int(self.cfg.seed))
         if self.eval_indices is not None:
             self.val.get_subset_(self.eval_indices)
@@ -287,10 +262,13 @@ class Coco(Task):
             collate_fn=pseudo_collate,
         )
         model.eval()
+        detections = 0
         with torch.no_grad():
             for batch in tqdm(loader, desc=f"eval {label}", unit="batch", disable=not self.progress):
-                evaluator.process(data_samples=self.forward(model, batch), data_batch=batch)
-        return self.record_metrics(evaluator.evaluate(len(self.val)))
+                outputs = self.forward(model, batch)
+                detections += sum(len(sample.pred_instances) for sample in outputs)
+                evaluator.process(data_samples=outputs, data_batch=batch)
+        return self.record_metrics(evaluator.evaluate(len(self.val)), detections)
 
     def evaluator(self) -> Any:
         """mmengine's ``Evaluator`` with the config's ``CocoMetric`` on the val annotations (restricted to the
@@ -306,17 +284,23 @@ class Coco(Task):
             evaluator.metrics[0].img_ids = [int(self.val.get_data_info(i)["img_id"]) for i in range(len(self.val))]
         return evaluator
 
-    def record_metrics(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def record_metrics(self, raw: dict[str, Any], detections: int | None = None) -> dict[str, Any]:
         """``coco/bbox_mAP`` (fraction) → ``bbox_mAP`` (percent), for every metric and COCO stat; -1 (no ground truth
-        in that range) → None."""
+        in that range) → None. ``detections``: the predicted instances kept (above the score threshold); none at all is
+        an AP of 0 (mmdet's metric returns nothing then), said in a warning."""
         metrics: dict[str, Any] = {}
         for kind in self.cfg.task.metrics:
             for stat in COCO_STATS:
                 value = raw.get(f"coco/{kind}_{stat}")
                 if value is not None:
                     metrics[f"{kind}_{stat}"] = round(100.0 * float(value), 2) if float(value) >= 0 else None
+        if metrics.get(self.primary_metric) is None and detections == 0:
+            log.warning("no detections above the score threshold on any evaluated image: AP is 0 (lower the threshold, "
+                        "e.g. +model.cfg_options.model.test_cfg.rcnn.score_thr=0.01, to see low-scoring boxes)")
+            metrics = {f"{kind}_{stat}": 0.0 for kind in self.cfg.task.metrics for stat in COCO_STATS}
         if metrics.get(self.primary_metric) is None:
             raise DataError("COCO evaluation gave no box AP: the evaluated images hold no annotations")
         metrics["num_images"] = len(self.val)
-        metrics["eval_subset"] = None if self.eval_indices is None else f"{len(self.eval_indices)} images (seed {int(self.cfg.seed) + 1})"
+        if detections is not None:
+            metrics["detections"] = detections
         return metrics

@@ -24,8 +24,10 @@ pytest.importorskip("mmcv.ops")
 from mmdet.datasets import CocoDataset  # noqa: E402
 
 from ptq_bench.calibration import CalibrationData  # noqa: E402
+from ptq_bench.errors import DataError  # noqa: E402
 from ptq_bench.models import calibrating, layernorm_linear_pairs, named_quantizers, prepare_, set_quantizers_enabled  # noqa: E402
 from ptq_bench.quant import UniformQuantizer  # noqa: E402
+from ptq_bench.results.store import RecordStore  # noqa: E402
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_  # noqa: E402
 from ptq_bench.transforms.block_capture import BlockInputs, block_outputs, capture_block_inputs  # noqa: E402
 from ptq_bench.transforms.block_losses import evaluate_losses  # noqa: E402
@@ -242,7 +244,7 @@ def test_run_py_task_coco_fp_repq_and_reconstruction(tmp_path, coco_root, tiny_c
         assert record["model"]["display"] == "MaskRCNN-Swin-T"
         assert {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_l"} <= set(metrics)
         assert 0 <= metrics["bbox_mAP"] <= 100 and 0 <= metrics["segm_mAP"] <= 100
-        assert metrics["num_images"] == 3 and metrics["eval_subset"] is None
+        assert metrics["num_images"] == 3 and metrics["detections"] > 0
     quantized = {row["module"] for row in by_method["repq_vit"]["quantized"]}
     assert "backbone.patch_embed.projection" in quantized and "roi_head.bbox_head.fc_cls" in quantized
     assert by_method["repq_vit"]["calibration"]["num_images"] == 2
@@ -263,7 +265,8 @@ def test_run_py_task_coco_subset_and_one_line_errors(tmp_path, coco_root, tiny_c
     subset = run_cli(*common, f"data.root={coco_root}", "method=fp", "data.max_eval_images=2")
     assert subset.returncode == 0, subset.stderr[-3000:]
     (record,) = records(tmp_path / "runs")
-    assert record["metrics"]["num_images"] == 2 and record["metrics"]["eval_subset"].startswith("2 images")
+    assert record["metrics"]["num_images"] == 2 and record["config"]["data"]["max_eval_images"] == 2
+    assert RecordStore(tmp_path / "runs").load_valid(record["run_key"]) is not None  # every metric a number: resumable
 
 
 @pytest.mark.parametrize("name, detector, depth, head", [
@@ -273,7 +276,7 @@ def test_run_py_task_coco_subset_and_one_line_errors(tmp_path, coco_root, tiny_c
     ("cascade_mask_rcnn_swin_s", "CascadeRCNN", 18, "ConvFCBBoxHead"),
 ])
 def test_shipped_mmdet_configs_are_the_swin_repository_architectures(name, detector, depth, head):
-    from tasks.coco import mmdet_config, require_mmdet
+    from tasks.mm import mmdet_config, require_mmdet
 
     require_mmdet()
     cfg = mmdet_config(OmegaConf.create({"mmdet_config": f"{name}.py", "cfg_options": {}}))
@@ -321,4 +324,40 @@ def test_coco_metric_of_perfect_predictions_is_100_percent(coco_root, tiny_confi
     metrics = task.record_metrics(evaluator.evaluate(len(task.val)))
     assert metrics["bbox_mAP"] == 100.0 and metrics["segm_mAP"] == 100.0 and metrics["bbox_mAP_50"] == 100.0
     assert metrics["num_images"] == len(ids) == (limit or 3)
-    assert (metrics["eval_subset"] is None) == (limit is None)
+
+
+def test_no_detections_is_an_ap_of_zero_not_a_data_error(coco_root, tiny_config, caplog):
+    """Every score under the threshold (random weights): mmdet's metric returns nothing; the run records AP 0."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    task = task_for(coco_root, tiny_config)
+    task.check_data(0)
+    evaluator = task.evaluator()
+    empty = []
+    for i in range(len(task.val)):
+        sample = DetDataSample(metainfo={"img_id": int(task.val.get_data_info(i)["img_id"]), "ori_shape": (64, 64)})
+        sample.pred_instances = InstanceData(bboxes=torch.zeros(0, 4), scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.long),
+                                             masks=torch.zeros(0, 64, 64, dtype=torch.bool))
+        empty.append(sample)
+    evaluator.process(data_samples=empty)
+    with caplog.at_level("WARNING"):
+        metrics = task.record_metrics(evaluator.evaluate(len(task.val)), detections=0)
+    assert metrics["bbox_mAP"] == 0.0 and metrics["segm_mAP"] == 0.0 and metrics["detections"] == 0
+    assert "score_thr" in caplog.text
+
+
+def test_annotation_categories_must_be_the_detectors_classes(tmp_path, coco_root, tiny_config):
+    """A category list trimmed to the two classes present would silently relabel every prediction: refused."""
+    import shutil
+
+    trimmed = tmp_path / "coco"
+    shutil.copytree(coco_root, trimmed)
+    ann = trimmed / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    used = {a["category_id"] for a in data["annotations"]}
+    data["categories"] = [c for c in data["categories"] if c["id"] in used]
+    ann.write_text(json.dumps(data))
+    task = task_for(trimmed, tiny_config)
+    with pytest.raises(DataError, match="categories are not the detector's 80 classes \(missing 78"):
+        task.check_data(0)
