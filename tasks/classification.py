@@ -23,7 +23,16 @@ from ptq_bench.checks import boolean, choice, integer, number, optional_integer
 from ptq_bench.datasets import MnistIdx, image_folder, resolve_workers
 from ptq_bench.errors import ConfigError, DataError, NumericalError
 from ptq_bench.eval_transform import eval_transform
-from ptq_bench.labels import DEFAULT_LABELS, LABEL_SOURCES, MNIST_CLASSES, LabelMap, choose, folder_order, head_outputs
+from ptq_bench.labels import (
+    DEFAULT_LABELS,
+    FOLDER_ORDER,
+    LABEL_SOURCES,
+    MNIST_CLASSES,
+    LabelMap,
+    choose,
+    folder_order,
+    head_outputs,
+)
 from ptq_bench.models.build import ModelInfo, build_model
 from tasks import TASKS
 from tasks.base import Task
@@ -111,6 +120,7 @@ class Classification(Task):
         self.val: Dataset | None = None
         self.num_outputs: int | None = None  # the head's output size (build_model)
         self.label_map: LabelMap | None = None  # image folders: the labels' map (check_data)
+        self.relabels = False  # whether the map labels the val folders otherwise than their sorted order
 
     def validate(self) -> None:
         task, data = self.cfg.task, self.cfg.data
@@ -143,8 +153,9 @@ class Classification(Task):
 
     def identity(self) -> dict[str, Any]:
         """The data settings; for image folders the label map by content (``labels``: "imagenet-1k wnids" or the
-        class map's sha256) instead of ``data.labels``/``data.class_map``/``data.label_map``, left out for the
-        folder order so that runs recorded before label maps existed keep their keys. Needs :meth:`check_data`."""
+        class map's sha256) instead of ``data.labels``/``data.class_map``/``data.label_map``, left out when it labels
+        the val folders in their sorted order (as runs recorded before label maps existed did, so they keep their
+        keys). Needs :meth:`check_data`."""
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         data.pop("workers", None)
         for key in ("labels", "class_map", "label_map"):
@@ -152,7 +163,7 @@ class Classification(Task):
         if self.cfg.data.kind == "imagefolder":
             if self.label_map is None:
                 raise RuntimeError("Classification.identity() before check_data(): the label map is not known yet")
-            if self.label_map.keyed:
+            if self.label_map.keyed and self.relabels:
                 data["labels"] = self.label_map.identity
         return {"compare_fp": bool(self.cfg.task.get("compare_fp")), "data": data}
 
@@ -187,8 +198,11 @@ class Classification(Task):
         chosen = choose(str(data.get("labels", DEFAULT_LABELS)), data.get("class_map"), self.num_outputs)
         val = make_dataset(data, data.val_split, self.transform, chosen)
         self.label_map = chosen or folder_order(val.classes, self.num_outputs, f"split '{data.val_split}'")
+        # a map that gives the val folders their sorted order (the full ImageNet val with timm's wnids) labels as
+        # ImageFolder did: such runs keep the run keys and table cells they had before label maps existed
+        self.relabels = [self.label_map.index[name] for name in sorted(val.classes)] != list(range(len(val.classes)))
         with open_dict(data):
-            data.label_map = self.label_map.identity
+            data.label_map = self.label_map.identity if self.relabels else FOLDER_ORDER
         log.info("labels: %s; split '%s' holds %d of the %d classes (%d images)", self.label_map.source, data.val_split,
                  len(val.classes), len(self.label_map.names), len(val))
         return val

@@ -124,8 +124,10 @@ def test_shift_variant_and_bias_fold() -> None:
 
 
 def test_capabilities_and_registry() -> None:
-    assert QUANTIZERS.get("adalog").capabilities == {"post_softmax", "post_gelu", "log_domain"}
+    assert QUANTIZERS.get("adalog").capabilities == {"post_softmax", "log_domain"}
     assert QUANTIZERS.get("adalog_shift").capabilities == {"post_gelu", "log_domain"}
+    with pytest.raises(ConfigError, match="cannot quantize post_gelu tensors"):  # it would zero every negative value
+        build_method("minmax", BitWidth(4, 4), quantizers={"post_gelu": "adalog"})
     method = build_method("minmax", BitWidth(4, 4), quantizers={"post_softmax": "adalog"})
     assert method.quantizer_table()["post_softmax"].name == "adalog"
     with pytest.raises(ConfigError, match="post_softmax"):

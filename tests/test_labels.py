@@ -197,16 +197,17 @@ def test_the_cli_refuses_a_class_word_folder_with_one_line_and_no_record(tmp_pat
 
 
 def test_the_label_map_enters_the_run_key_by_content(tmp_path) -> None:
-    """Two class maps over the same folders never share a key or a recorded data config; the folder order keeps the
-    data identity of runs recorded before label maps existed."""
+    """Two class maps that label the same folders differently never share a key or a recorded data config; a map that
+    gives the folders their sorted order labels as runs before label maps did, and keeps their data identity."""
     root = make_image_folder(tmp_path / "data", classes=3, per_class=1, size=16)
     maps = []
     for name, order in (("a.txt", "class_0\nclass_1\nclass_2\n"), ("b.txt", "class_1\nclass_0\nclass_2\n")):
         (tmp_path / name).write_text(order)
         maps.append(opened(root, *SMALL, "data=folder", f"data.class_map={tmp_path / name}"))
     first, second = (task.identity() for task in maps)
-    assert first["data"]["labels"].startswith("class_map sha256:") and run_key(first) != run_key(second)
-    assert maps[0].cfg.data.label_map != maps[1].cfg.data.label_map  # the record's config, hence the report's variant
+    assert "labels" not in first["data"] and maps[0].cfg.data.label_map == FOLDER_ORDER  # a.txt: the sorted order
+    assert second["data"]["labels"].startswith("class_map sha256:") and run_key(first) != run_key(second)
+    assert maps[1].cfg.data.label_map == second["data"]["labels"]  # the record's config, hence the report's variant
 
     folder = opened(root, *SMALL, "data=folder")
     assert folder.cfg.data.label_map == FOLDER_ORDER

@@ -89,7 +89,10 @@ def test_quantizers_enter_the_identity_only_when_set() -> None:
     plain = build_method("minmax", BitWidth(4, 4))
     chosen = build_method("minmax", BitWidth(4, 4), quantizers={"post_gelu": "twin_gelu", "post_softmax": {"name": "toy"}})
     assert "quantizers" not in plain.identity()  # run keys of earlier runs unchanged
-    assert chosen.identity()["quantizers"] == {"post_gelu": "twin_gelu", "post_softmax": "toy"}
+    assert chosen.identity()["quantizers"] == {"post_gelu": {"name": "twin_gelu"},  # every option, defaults too
+                                               "post_softmax": {"name": "toy", "levels_above_zero": 3}}
+    explicit = build_method("minmax", BitWidth(4, 4), quantizers={"post_softmax": {"name": "toy", "levels_above_zero": 3}})
+    assert explicit.identity()["quantizers"]["post_softmax"] == chosen.identity()["quantizers"]["post_softmax"]
 
 
 @pytest.mark.parametrize("method, options, message", [
@@ -111,9 +114,9 @@ def test_bad_placements_are_refused_before_any_work(method: str, options: dict[s
 
 def test_quantizer_defaults_live_in_the_options_dataclass_only() -> None:
     dopq, aiqvit = method_defaults("dopq_vit"), method_defaults("aiqvit")
-    assert dopq["tanq_alphas"] == list(TanQOptions().alphas) and dopq["tanq_centers"] == [0.5]
-    assert dopq["tanq_granularity"] == TanQOptions().granularity
-    assert (aiqvit["dfq_init"], aiqvit["dfq_below"]) == (DFQOptions().init, DFQOptions().below)
+    assert dopq["tanq_alphas"] == [0.25 * k for k in range(1, 13)] == list(TanQOptions().alphas)  # the values of before
+    assert dopq["tanq_centers"] == [0.5] and dopq["tanq_granularity"] == "tensor" == TanQOptions().granularity
+    assert (aiqvit["dfq_init"], aiqvit["dfq_below"]) == ("mse", "b1") == (DFQOptions().init, DFQOptions().below)
     for name in ("dopq_vit", "aiqvit"):  # the YAML refers to the default instead of restating it
         text = (REPO / "conf" / "method" / f"{name}.yaml").read_text()
         assert "${quantizer_default:" in text

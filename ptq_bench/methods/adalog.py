@@ -64,7 +64,8 @@ from ptq_bench.models.prepare import layernorm_linear_pairs
 from ptq_bench.quant.adalog import AdaLogQuantizer, ShiftAdaLogQuantizer, fold_shift_into_bias_
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.reparam import channel_transform
+from ptq_bench.transforms.invariants import keeps_fp_function
+from ptq_bench.transforms.reparam import channel_transform, folded_pairs
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +160,23 @@ class AdaLog(Method):
         set_quantizers_enabled(model, False)  # the official layers stay in 'raw' mode until every layer is searched
         settings = self.settings()
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))]
-        for index, (name, layer) in enumerate(layers):
-            if self.progress:
-                log.info("adalog: calibrating %s (%d/%d)", name, index + 1, len(layers))
-            inputs, output = capture(model, layer, data, settings.batch_size)
-            if isinstance(layer, QuantLinear):
-                self._linear(layer, inputs[0], output, settings, n_v=3 if id(layer) in qkv else 1, norm=norms.get(id(layer)))
-            elif isinstance(layer, QuantConv2d):
-                search = ConvSearch(layer, inputs[0], output, self.bits.w, settings)
-                search.search()
-                _install_uniform(layer.weight_quantizer, search.w_scale, search.w_zp, layer.weight.shape[:1] + (1,) * (layer.weight.ndim - 1))
-            else:
-                self._matmul(layer, inputs, output, settings)
-            del inputs, output
+        with keeps_fp_function(model, data, "AdaLog LayerNorm→Linear reparameterization") as check:  # the folds
+            for index, (name, layer) in enumerate(layers):
+                if self.progress:
+                    log.info("adalog: calibrating %s (%d/%d)", name, index + 1, len(layers))
+                inputs, output = capture(model, layer, data, settings.batch_size)
+                if isinstance(layer, QuantLinear):
+                    self._linear(layer, inputs[0], output, settings, n_v=3 if id(layer) in qkv else 1, norm=norms.get(id(layer)))
+                elif isinstance(layer, QuantConv2d):
+                    search = ConvSearch(layer, inputs[0], output, self.bits.w, settings)
+                    search.search()
+                    _install_uniform(layer.weight_quantizer, search.w_scale, search.w_zp, layer.weight.shape[:1] + (1,) * (layer.weight.ndim - 1))
+                else:
+                    self._matmul(layer, inputs, output, settings)
+                del inputs, output
+        if norms:
+            folded = [layer for _, layer in layers if id(layer) in norms]
+            self.transforms.append(check.record(folded=folded_pairs(model, folded)))
         set_quantizers_enabled(model, True)
         for _, layer in layers:  # finish_training → reparam_bias
             if isinstance(layer, QuantLinear) and isinstance(layer.input_quantizer, ShiftAdaLogQuantizer):

@@ -247,10 +247,10 @@ class AIQViT(Method):
             ranks = self._attach_branches(name, block, inputs, target, generator)
             groups.append({"params": branch_parameters(block), "lr": cfg.lr_lowrank})
         quantizers = [m for m in block.modules() if isinstance(m, Quantizer)]
-        ranges = [getattr(q, name) for q in quantizers for name, kind in q.learnable_parameters().items() if kind == "range"]
-        if ranges:  # the DFQ interval [b1, b2]
+        ranges = [getattr(q, attr) for q in quantizers for attr, kind in q.learnable_parameters().items() if kind == "range"]
+        if ranges:  # learned range bounds (the DFQ interval [b1, b2])
             groups.append({"params": ranges, "lr": cfg.lr_dfq})
-        steps = [(q, name) for q in quantizers for name, kind in q.learnable_parameters().items()
+        steps = [(q, attr) for q in quantizers for attr, kind in q.learnable_parameters().items()
                  if cfg.learn_act_scales and kind == "step_size" and q.role != "weight"]
         with learnable_scales(steps) as scales:
             if scales:

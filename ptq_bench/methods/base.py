@@ -17,7 +17,7 @@ key only when set.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 from omegaconf import OmegaConf
@@ -79,8 +79,10 @@ class Method(ABC):
         return frozenset()
 
     def quantizer_table(self) -> Placement:
-        """:meth:`placement` with the run's ``quantizers`` choices applied (each keeps the bit-width of the entry
-        it replaces)."""
+        """:meth:`placement` with the run's ``quantizers`` choices applied: each keeps the bit-width of the entry it
+        replaces, and takes the options given with it (the quantizer's defaults for the rest, not the replaced
+        entry's: ``{post_gelu: uniform}`` in repq_vit is a min-max uniform grid unless ``observer: percentile`` is
+        given)."""
         table = dict(self.placement())
         for role, (name, options) in self.quantizers.items():
             replaced = spec_for(table, role)
@@ -122,6 +124,7 @@ class Method(ABC):
         self.check(model)
         if self.uses_calibration and (data is None or len(data) == 0):
             raise ConfigError(f"method '{self.name}' needs calibration data")
+        self.transforms = []
         return self._quantize(model, data)
 
     @abstractmethod
@@ -131,7 +134,9 @@ class Method(ABC):
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (runtime options, and switches while off, left out), for run keys
         and labels (:func:`ptq_bench.methods.options.identity_options`)."""
-        chosen = {role: {"name": name, **options} if options else name for role, (name, options) in sorted(self.quantizers.items())}
+        table = self.quantizer_table()
+        chosen = {role: {"name": table[role].name, **asdict(table[role].build(self.bits).options)}
+                  for role in sorted(self.quantizers)}  # every option, defaults included: a changed default is a new key
         return identity_options(self.options) | ({"quantizers": chosen} if chosen else {})  # none: earlier run keys
 
 

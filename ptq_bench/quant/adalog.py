@@ -97,7 +97,7 @@ class AdaLogQuantizer(Quantizer):
     """Adaptive-base log quantizer; buffers ``scale`` (s), ``q`` and the tables ``table1``/``table2``."""
 
     Options = AdaLogOptions
-    capabilities = frozenset({"post_softmax", "post_gelu", "log_domain"})
+    capabilities = frozenset({"post_softmax", "log_domain"})  # post-GELU inputs go below 0: adalog_shift
 
     def __init__(self, bits: int, **options: Any) -> None:
         super().__init__(bits, **options)
@@ -176,7 +176,7 @@ class AdaLogQuantizer(Quantizer):
         return self._unshifted(y)
 
     def learnable_parameters(self) -> dict[str, str]:
-        return {"scale": "range"}
+        return {} if self.options.fixed_scale else {"scale": "range"}
 
     @torch.no_grad()
     def export(self) -> QuantGrid:

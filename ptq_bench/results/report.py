@@ -68,8 +68,10 @@ def method_label(record: Mapping[str, Any]) -> str:
 def _variant(record: Mapping[str, Any]) -> dict[str, str]:
     """What else a run depends on besides method, model, bits and seed: the weights and the data settings."""
     data = dict((record.get("config") or {}).get("data") or {})
-    for key in ("root", "workers", "max_eval_images"):
+    for key in ("root", "workers", "max_eval_images", "labels", "class_map"):  # the labels' effect: data.label_map
         data.pop(key, None)
+    if data.get("label_map") == "folder order":  # as every record before label maps existed labelled
+        del data["label_map"]
     variant = {f"data.{k}": text(v) for k, v in data.items()}
     if record["model"].get("weights_sha256"):
         variant["weights"] = str(record["model"]["weights_sha256"])[:8]
