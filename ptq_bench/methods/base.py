@@ -134,7 +134,7 @@ class Method(ABC):
     def identity(self) -> dict[str, Any]:
         """The options that determine the result (runtime options, and switches while off, left out), for run keys
         and labels (:func:`ptq_bench.methods.options.identity_options`)."""
-        table = self.quantizer_table()
+        table = self.quantizer_table() if self.quantizers else {}
         chosen = {role: {"name": table[role].name, **asdict(table[role].build(self.bits).options)}
                   for role in sorted(self.quantizers)}  # every option, defaults included: a changed default is a new key
         return identity_options(self.options) | ({"quantizers": chosen} if chosen else {})  # none: earlier run keys
