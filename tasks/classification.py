@@ -62,6 +62,10 @@ def draw_indices(dataset_size: int, size: int, seed: int) -> list[int]:
 
 
 def eval_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded subset of ``limit`` images; the whole split (said in a warning when ``limit`` exceeds it)."""
+    if limit and limit > len(dataset):
+        log.warning("data.max_eval_images=%d is more than the %d images of the evaluation split: all of them are "
+                    "evaluated (metrics.num_images)", limit, len(dataset))
     if not limit or limit >= len(dataset):
         return dataset
     generator = torch.Generator().manual_seed(seed + 1)

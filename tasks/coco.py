@@ -142,7 +142,10 @@ def box_head_classes(model: nn.Module) -> list[int]:
 
 
 def subset_indices(size: int, limit: int | None, seed: int) -> list[int] | None:
-    """A seeded subset of ``limit`` images (sorted), or None for the whole split."""
+    """A seeded subset of ``limit`` images (sorted), or None for the whole split (said in a warning when ``limit``
+    exceeds it)."""
+    if limit and limit > size:
+        log.warning("data.max_eval_images=%d is more than the %d images of val2017 here: all of them are evaluated", limit, size)
     if not limit or limit >= size:
         return None
     generator = torch.Generator().manual_seed(seed + 1)

@@ -135,3 +135,13 @@ def test_a_damaged_record_of_the_resumed_run_is_set_aside_and_the_run_redone(tmp
     assert again.returncode == 0, again.stderr
     assert '"metrics"' in record.read_text()  # redone and rewritten
     assert len(list((tmp_path / "runs").glob("*.json.damaged-*"))) == 1
+
+
+def test_an_eval_subset_larger_than_the_split_says_the_whole_split_is_evaluated(caplog) -> None:
+    from tasks.classification import eval_subset
+
+    split = list(range(10))
+    with caplog.at_level("WARNING"):
+        assert eval_subset(split, 50, seed=0) is split
+    assert "data.max_eval_images=50 is more than the 10 images" in caplog.text
+    assert len(eval_subset(split, 4, seed=0)) == 4
