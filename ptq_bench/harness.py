@@ -271,7 +271,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
         calib_start = time.perf_counter()
         model = method.quantize(model, data)
         calibration = {**data.identity, "seconds": time.perf_counter() - calib_start}
-        check_calibrated(model)
+        check_calibrated(model, task.uncovered_hint())
     model.eval()
     eval_start = time.perf_counter()
     with evaluating(model, settings.eval_compile) as (evaluated, calls):

@@ -52,6 +52,10 @@ class Task(ABC):
         """Open the data the run will read (one-line errors for a missing root, an empty split, fewer train samples
         than ``calib_size``) before any calibration or evaluation."""
 
+    def uncovered_hint(self) -> str | None:
+        """Why a layer of this task's model may not run on the calibration data (shown when one did not), if any."""
+        return None
+
     @abstractmethod
     def calibration(self, size: int, seed: int, device: torch.device) -> CalibrationData:
         """``size`` samples of the train split drawn with ``seed``, on ``device``; ``identity`` says which."""

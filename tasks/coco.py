@@ -247,6 +247,13 @@ class Coco(Task):
         }
         return CalibrationData(samples, self.forward, collate=pseudo_collate, logits=False, identity=identity, uniform_shapes=False)
 
+    def uncovered_hint(self) -> str | None:
+        rcnn = (self.mmcfg.model.get("test_cfg") or {}).get("rcnn") or {}
+        threshold = rcnn.get("score_thr")
+        return ("the mask head runs only on detections scoring above model.test_cfg.rcnn.score_thr"
+                f"{'=' + str(threshold) if threshold is not None else ''}: with none on the calibration images (random "
+                "weights, few images) lower it, e.g. +model.cfg_options.model.test_cfg.rcnn.score_thr=0.0")
+
     def forward(self, model: nn.Module, batch: Any) -> Any:
         """mmengine's test step: the detector's data preprocessor (normalise, pad to 32), then ``predict``."""
         return model.test_step(batch)

@@ -269,6 +269,17 @@ def test_run_py_task_coco_subset_and_one_line_errors(tmp_path, coco_root, tiny_c
     assert RecordStore(tmp_path / "runs").load_valid(record["run_key"]) is not None  # every metric a number: resumable
 
 
+def test_a_mask_head_without_detections_is_refused_with_the_threshold_to_lower(tmp_path, coco_root, tiny_config):
+    """Every score under score_thr on the calibration images: the mask head's quantizers never observe data, and the
+    one-line refusal (no record) names the option to lower."""
+    result = run_cli("model=mask_rcnn_swin_t", f"model.mmdet_config={tiny_config}", f"data.root={coco_root}",
+                     f"results_dir={tmp_path / 'runs'}", f"hydra.run.dir={tmp_path / 'out'}", *QUIET, "method=minmax",
+                     "bits=w8a8", "method.calib_size=1", "+model.cfg_options.model.test_cfg.rcnn.score_thr=1.01")
+    assert result.returncode == 2 and "never observed data during calibration" in result.stderr
+    assert "mask_head" in result.stderr and "test_cfg.rcnn.score_thr=0.0" in result.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*.json"))
+
+
 @pytest.mark.parametrize("name, detector, depth, head", [
     ("mask_rcnn_swin_t", "MaskRCNN", 6, "Shared2FCBBoxHead"),
     ("mask_rcnn_swin_s", "MaskRCNN", 18, "Shared2FCBBoxHead"),
@@ -359,5 +370,5 @@ def test_annotation_categories_must_be_the_detectors_classes(tmp_path, coco_root
     data["categories"] = [c for c in data["categories"] if c["id"] in used]
     ann.write_text(json.dumps(data))
     task = task_for(trimmed, tiny_config)
-    with pytest.raises(DataError, match="categories are not the detector's 80 classes \(missing 78"):
+    with pytest.raises(DataError, match=r"categories are not the detector's 80 classes \(missing 78"):
         task.check_data(0)

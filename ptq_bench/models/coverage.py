@@ -49,9 +49,9 @@ def _summary(names: list[str], limit: int = 4) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_calibrated(model: nn.Module) -> None:
+def check_calibrated(model: nn.Module, hint: str | None = None) -> None:
     """Raise one line naming the enabled quantizers that never observed data (their layer never ran), or whose
-    calibrated parameters are not finite."""
+    calibrated parameters are not finite; ``hint``: the task's likeliest reason for a layer that never ran."""
     silent = [
         f"{name}.{slot}"
         for name, layer in model.named_modules()
@@ -60,7 +60,8 @@ def check_calibrated(model: nn.Module) -> None:
         if q.enabled and not q.calibrated
     ]
     if silent:
-        raise CoverageError(f"{len(silent)} quantizer(s) never observed data during calibration: {_summary(silent)} ({LIKELY_CAUSE})")
+        cause = f"{hint}; otherwise {LIKELY_CAUSE}" if hint else LIKELY_CAUSE
+        raise CoverageError(f"{len(silent)} quantizer(s) never observed data during calibration: {_summary(silent)} ({cause})")
     broken = [
         name
         for name, module in model.named_modules()
