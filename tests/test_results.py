@@ -63,8 +63,10 @@ def test_report_joins_published_numbers_and_computes_the_delta(tmp_path):
         fake_record("repq_vit", "deit_tiny", "DeiT-T", (6, 6), 70.5),
         fake_record("minmax", "mnist_vit", "MNIST-ViT", (4, 4), 80.0),
         fake_record("dopq_vit", "deit_tiny", "DeiT-T", (4, 4), 60.0, overrides=["method.softmax_quantizer=log2"]),
+        fake_record("adalog", "deit_tiny", "DeiT-T", (3, 3), 30.0),
     ]
     frame = records_frame(recs)
+    assert frame[frame["method"] == "adalog"].iloc[0]["published"] == pytest.approx(31.56)  # AdaLog README, Calibrate
     row = frame[(frame["method"] == "repq_vit") & (frame["bits"] == "W4A4")].iloc[0]
     assert row["published"] == pytest.approx(57.43)  # RepQ-ViT README, DeiT-T W4A4
     assert row["delta"] == pytest.approx(57.0 - 57.43)

@@ -33,6 +33,7 @@ METHOD_ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "base_ptq": ("BasePTQ", ("PTQ4ViT",)),
     "dopq_vit": ("DopQ-ViT", ("APHQ-ViT", "GLF-Q (2026 preprint)", "Korean benchmark README")),
     "aiqvit": ("AIQViT", ("AIQViT",)),
+    "adalog": ("AdaLog (calibration only)", ("AdaLog",)),  # its README's "Calibrate" column; no reconstruction here
 }
 
 
