@@ -64,6 +64,7 @@ from ptq_bench.models.prepare import layernorm_linear_pairs
 from ptq_bench.quant.adalog import AdaLogQuantizer, ShiftAdaLogQuantizer, fold_shift_into_bias_
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.transforms.block_capture import StopForward, forward_until_stopped
 from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.reparam import channel_transform, folded_pairs
 
@@ -93,10 +94,6 @@ class AdaLogOptions:
                               ">= 8 leaves the patch-embedding input unquantized, as the official code does)")
         if self.search_memory_gb <= 0:
             raise ConfigError(f"AdaLog: search_memory_gb must be > 0, got {self.search_memory_gb}")
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook once the layer's output is recorded: the rest of the forward is not needed."""
 
 
 @METHODS.register("adalog")
@@ -225,17 +222,9 @@ def capture(model: nn.Module, layer: nn.Module, data: CalibrationData, batch_siz
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         inputs.append([a.detach() for a in args])
         outputs.append(output.detach())
-        raise _StopForward
+        raise StopForward
 
-    handle = layer.register_forward_hook(hook)
-    try:
-        for batch in data.batches(batch_size):
-            try:
-                data.forward(model, batch)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+    forward_until_stopped(model, data, batch_size, layer.register_forward_hook(hook))
     if not outputs:
         raise RuntimeError(f"adalog: a {type(layer).__name__} was not called during calibration")
     return [torch.cat([i[k] for i in inputs], dim=0) for k in range(len(inputs[0]))], torch.cat(outputs, dim=0)

@@ -17,8 +17,22 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 
 
-class _StopForward(Exception):
-    """Raised by a capture hook once the wanted input has been recorded."""
+class StopForward(Exception):
+    """Raised by a capture hook once what it wanted is recorded: the rest of the forward is not needed."""
+
+
+def forward_until_stopped(model: nn.Module, data: CalibrationData, batch_size: int, handle: Any) -> None:
+    """Run every calibration batch of ``batch_size`` through the task's forward, each stopped by the capture hook
+    behind ``handle`` (raising :class:`StopForward`); the hook is removed on every exit."""
+    try:
+        with torch.no_grad():
+            for batch in data.batches(batch_size):
+                try:
+                    data.forward(model, batch)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -84,18 +98,9 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationDa
         ):
             raise ConfigError("block-wise reconstruction supports blocks called with one tensor and non-tensor positional arguments")
         captured.append((args[0].detach(), tuple(args[1:])))
-        raise _StopForward
+        raise StopForward
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in data.batches(batch_size):
-                try:
-                    data.forward(model, batch)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    forward_until_stopped(model, data, batch_size, block.register_forward_pre_hook(hook, with_kwargs=True))
     if len(captured) != len(range(0, len(data), batch_size)):
         raise ConfigError(f"block {type(block).__name__} was not called by the task's forward")
     if all(not extra for _, extra in captured):
