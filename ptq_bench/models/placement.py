@@ -62,12 +62,12 @@ def check_placement(
     unknown = sorted(set(placement) - set(ROLES) - {ANY_ACTIVATION})
     if unknown:
         raise ConfigError(f"{method}: unknown quantization role(s) {', '.join(unknown)} (roles: {', '.join((*ROLES, ANY_ACTIVATION))})")
-    folded = set(foldable_roles)
+    folded, chosen_by = set(foldable_roles), chosen_by or {}
     for role in ROLES:
         spec = spec_for(placement, role)
         if spec is None:
             continue
-        key = (chosen_by or {}).get(role) or (chosen_by or {}).get(ANY_ACTIVATION if role not in placement else role)
+        key = chosen_by.get(role if role in placement else ANY_ACTIVATION)  # the entry spec_for took
         where = f"{key}={spec.name!r} ({method})" if key else f"{method}: quantizer '{spec.name}'"
         if spec.name not in QUANTIZERS:
             raise ConfigError(f"{where}: no such quantizer (known: {', '.join(QUANTIZERS.names())})")
