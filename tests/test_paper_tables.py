@@ -290,3 +290,15 @@ def test_demo_table_experiment_and_dry_run(tmp_path):
                      "RepQ-ViT W8A8 [eval 200 imgs]", "MinMax W4A4", "MinMax W4A4 [eval 200 imgs]", "RepQ-ViT W4A4",
                      "RepQ-ViT W4A4 [eval 200 imgs]"]  # an evaluation subset is another protocol: its own column
     assert len(list(runs.glob("*.json"))) == 5 and (sweep / "demo_table.png").is_file()
+
+
+def test_aphqvit_table1_takes_its_own_transcription_and_fills_run_rows():
+    """APHQ-ViT's Table 1 reprints AdaLog's calibration-only numbers (DeiT-B W3/A3 57.47, README 57.45): the table's
+    cell shows its own source's value, and an adalog record fills that row with the delta against it."""
+    spec, cells = cells_of("aphqvit_table1", [record("adalog", "deit_base", (3, 3), 57.0)])
+    (cell,) = cells[(cells["row"] == "AdaLog") & (cells["column"] == "DeiT-B") & (cells["block"] == "3/3")].to_dict("records")
+    assert (cell["published"], cell["reproduced"]) == (57.47, 57.0) and "Table 1" in cell["source"]
+    assert cell["text"] == "57.00 (57.47, -0.47)"
+    assert paper.coverage(spec)["with_published_value"] == paper.coverage(spec)["cells"] == 133
+    coco = paper.load_spec("aphqvit_coco")
+    assert paper.coverage(coco)["cells"] == 8 * (1 + 7)
