@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptq_bench import __version__
+from ptq_bench.bits import layer_bits
 from ptq_bench.checks import boolean, integer, writable_directory
 from ptq_bench.compiled_eval import evaluating
 from ptq_bench.distributed import is_main_process
@@ -40,7 +41,7 @@ log = logging.getLogger("ptq_bench")
 #: numpy's legacy seeding (``np.random.seed``) takes seeds in [0, 2**32 - 1].
 MAX_SEED = 2**32 - 1
 #: The keys of the ``bits`` group: any other (``+bits.label=W8A8``) would be taken and ignored.
-BITS_KEYS = ("w", "a")
+BITS_KEYS = ("w", "a", "layers")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def read_settings(cfg: DictConfig, method_uses_calibration: bool, gpu_slot: Opti
     unknown = sorted(str(key) for key in cfg.bits if key not in BITS_KEYS)
     if unknown:
         raise ConfigError(f"bits has no key(s) {', '.join(unknown)} (keys: {', '.join(BITS_KEYS)}; e.g. bits=w8a8 or bits.w=8 bits.a=8)")
-    bits = BitWidth(_bits(cfg.bits.w, "bits.w"), _bits(cfg.bits.a, "bits.a"))
+    bits = BitWidth(_bits(cfg.bits.w, "bits.w"), _bits(cfg.bits.a, "bits.a"), layer_bits(cfg.bits.get("layers")))
     calib = cfg.method.get("calib_size", 0)
     return RunSettings(
         bits=bits,
@@ -176,6 +177,7 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
         "weights_sha256": weights_sha256,
         "method": {"name": method.name, "calib_size": settings.calib_size, **method.identity()},
         "bits": [settings.bits.w, settings.bits.a] if method.uses_bits else None,
+        **({"bits_layers": settings.bits.layers_record()} if method.uses_bits and settings.bits.layers else {}),
         "seed": settings.seed,
         "code_version": __version__,
         **compiled,
@@ -208,7 +210,8 @@ def build_record(
         "option_changes": chosen_options(method_cfg, protocol),  # type: ignore[arg-type]
         "method_overrides": sorted(o for o in overrides if o.lstrip("+~").startswith("method.")),
         "protocol": protocol,  # budget, what it capped, method_options given for this method
-        "bits": {"w": bits.w, "a": bits.a, "label": bits.label} if method.uses_bits else None,
+        "bits": ({"w": bits.w, "a": bits.a, "label": bits.label} | ({"layers": bits.layers_record()} if bits.layers else {})
+                 if method.uses_bits else None),
         "seed": settings.seed,
         **{part: measured[part] for part in ("calibration", "quantized", "metrics", "timings")},
         "transforms": method.transforms,  # FP-preserving transforms: what they folded, the difference measured

@@ -52,12 +52,18 @@ class Method(ABC):
     role_options: ClassVar[Mapping[str, str]] = {}
     #: False for a recipe that searches the grids of its own quantizer kinds (PTQ4ViT): ``quantizers`` is refused.
     accepts_quantizers: ClassVar[bool] = True
+    #: True where every grid is fitted from its quantizer's own bit-width (not the run's ``bits``), so per-layer
+    #: bit-widths (``bits.layers``, mixed precision) take effect; otherwise they are refused.
+    accepts_layer_bits: ClassVar[bool] = False
 
     def __init__(
         self, bits: BitWidth, options: Any, seed: int = 0, progress: bool = False, quantizers: Mapping[str, Any] | None = None
     ) -> None:
         if not isinstance(options, self.Options):
             raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(options).__name__}")
+        if bits.layers and self.uses_bits and not self.accepts_layer_bits:
+            raise ConfigError(f"bits.layers: method {self.name} does not take per-layer bit-widths (its searches use the "
+                              "run's bits); methods that do: " + ", ".join(layer_bits_methods()))
         self.bits = bits
         self.options = options
         self.seed = seed
@@ -118,6 +124,12 @@ class Method(ABC):
         """Refuse, in one line and before any calibration, a model this method cannot quantize as named."""
         if self.uses_calibration:
             require(model, self.needs(), self.name)
+        if self.uses_bits and self.bits.layers:  # placement checks the quantized layers exactly; this, before any work
+            names = [name for name, _ in model.named_modules()]
+            for rule in self.bits.layers:
+                if not any(rule.matches(name) for name in names):
+                    raise ConfigError(f"bits.layers: {rule.pattern!r} matches no module of the model "
+                                      f"(fnmatch over dotted module names, e.g. {', '.join(names[1:4])})")
 
     def quantize(self, model: nn.Module, data: CalibrationData | None) -> nn.Module:
         """Quantize ``model`` (in place where convenient) with the calibration ``data``; returns the quantized model."""
@@ -141,6 +153,11 @@ class Method(ABC):
 
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+def layer_bits_methods() -> list[str]:
+    """The registered methods that take ``bits.layers``."""
+    return sorted(name for name in METHODS.names() if METHODS.get(name).accepts_layer_bits)
 
 
 def build_method(cfg: Mapping[str, Any] | str, bits: BitWidth, *, seed: int = 0, progress: bool = False, **overrides: Any) -> Method:

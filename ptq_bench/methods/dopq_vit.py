@@ -66,6 +66,7 @@ class DopQViTOptions:
 @METHODS.register("dopq_vit")
 class DopQViT(Method):
     name = "dopq_vit"
+    accepts_layer_bits = True
     Options = DopQViTOptions
     role_options = {"post_softmax": "softmax_quantizer"}
 

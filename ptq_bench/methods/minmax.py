@@ -23,6 +23,7 @@ class MinMaxOptions:
 @METHODS.register("minmax")
 class MinMax(Method):
     name = "minmax"
+    accepts_layer_bits = True
     Options = MinMaxOptions
 
     def placement(self) -> dict[str, QuantizerSpec | None]:

@@ -73,6 +73,7 @@ def repq_placement(softmax_quantizer: str, softmax_options: Mapping[str, Mapping
 @METHODS.register("repq_vit")
 class RepQViT(Method):
     name = "repq_vit"
+    accepts_layer_bits = True
     Options = RepQViTOptions
     role_options = {"post_softmax": "softmax_quantizer"}
 

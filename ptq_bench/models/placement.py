@@ -83,10 +83,23 @@ def check_placement(
 
 def place_quantizers_(model: nn.Module, placement: Placement, bits: BitWidth) -> nn.Module:
     """Swap in quantized layers (:func:`ptq_bench.models.prepare.prepare_`), each site getting the quantizer its
-    role's spec builds at ``bits`` (none where the spec is None)."""
+    role's spec builds at ``bits`` (none where the spec is None), or at the bits of the first ``bits.layers`` rule
+    matching the site's layer name. A rule that sets no layer's bits is refused in one line: a misspelt pattern
+    would otherwise run the uniform bit-width under a mixed-precision label."""
+    matched: set[str] = set()
 
     def factory(site: QuantSite) -> Optional[Quantizer]:
         spec = spec_for(placement, site.role)
-        return None if spec is None else spec.build(bits)
+        if spec is None:
+            return None
+        rule = next((r for r in bits.layers if r.matches(site.layer)), None)
+        if rule is not None:
+            matched.add(rule.pattern)
+        return spec.build(bits.for_layer(site.layer))
 
-    return prepare_(model, factory)
+    model = prepare_(model, factory)
+    unused = [rule.pattern for rule in bits.layers if rule.pattern not in matched]
+    if unused:
+        raise ConfigError(f"bits.layers: {', '.join(map(repr, unused))} set(s) the bits of no quantized layer (no match, "
+                          "or an earlier pattern took every match; fnmatch over dotted module names, e.g. 'blocks.0.*', 'head')")
+    return model

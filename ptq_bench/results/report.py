@@ -43,7 +43,8 @@ def options_label(record: Mapping[str, Any]) -> str:
 
 
 def protocol_label(record: Mapping[str, Any]) -> str:
-    """What else differs from the paper's protocol: the budget's changes, an evaluation subset; "" when nothing."""
+    """What else differs from the paper's protocol: the budget's changes, an evaluation subset, per-layer bits; ""
+    when nothing."""
     parts = []
     protocol = record.get("protocol") or {}
     if protocol.get("budget_changes"):
@@ -54,6 +55,9 @@ def protocol_label(record: Mapping[str, Any]) -> str:
         parts.append(f"eval {data['max_eval_images']} imgs")
     if (record.get("config") or {}).get("eval_compile"):
         parts.append("compiled eval")  # may differ from eager evaluation by rounding
+    layers = (record.get("bits") or {}).get("layers")
+    if layers:  # mixed precision: never the uniform bit-width's cell
+        parts.append("layers: " + ", ".join(f"{pattern}={bits}" for pattern, bits in layers))
     return "; ".join(parts)
 
 
