@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from ptq_bench import __version__
 from ptq_bench.bits import layer_bits
@@ -227,18 +228,10 @@ def build_record(
     return record
 
 
-def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optional[int] = None) -> dict[str, Any]:
-    """Quantize and evaluate one run; returns its record (the stored one when the run already has a record; on a
-    rank other than 0 of a distributed run, the record unwritten). ``gpu_slot``: this job's number in a sweep whose
-    jobs run in parallel on one machine (:func:`resolve_device`)."""
+def prepare(cfg: DictConfig, gpu_slot: Optional[int] = None) -> tuple[Any, Method, RunSettings]:
+    """The task, method and run settings of a protocol-applied config, each checked before any work."""
     from tasks import TASKS
 
-    boolean(cfg.get("dry_run", False), "dry_run")
-    check_checkpoint_path(cfg.model)
-    cfg, protocol = apply_protocol(cfg)  # per-method options, budget caps, checkpoint folder, paper-table cells
-    if protocol.skip:  # a job of an experiment's sweep that is not a cell of its table, or a dry run
-        log.info("%s", protocol.skip)
-        return {"run_key": "", "skipped": protocol.skip}
     task_cls = TASKS.get(str(cfg.task.name))
     check_model_task(cfg, task_cls.name)
     settings = read_settings(cfg, METHODS.get(str(cfg.method.name)).uses_calibration, gpu_slot)
@@ -248,6 +241,33 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     check_method_folders(cfg.method)
     task = task_cls(cfg, settings.progress)
     task.validate()
+    return task, method, settings
+
+
+def calibrate(task: Any, method: Method, settings: RunSettings, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """Quantize ``model`` with the task's calibration images (a method without calibration: as is), proven
+    calibrated (every quantizer observed data); returns the model in eval mode and the record's calibration part."""
+    calibration: dict[str, Any] = {"num_images": 0}
+    if method.uses_calibration:
+        data = task.calibration(settings.calib_size, settings.seed, settings.device)
+        start = time.perf_counter()
+        model = method.quantize(model, data)
+        calibration = {**data.identity, "seconds": time.perf_counter() - start}
+        check_calibrated(model, task.uncovered_hint())
+    return model.eval(), calibration
+
+
+def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optional[int] = None) -> dict[str, Any]:
+    """Quantize and evaluate one run; returns its record (the stored one when the run already has a record; on a
+    rank other than 0 of a distributed run, the record unwritten). ``gpu_slot``: this job's number in a sweep whose
+    jobs run in parallel on one machine (:func:`resolve_device`)."""
+    boolean(cfg.get("dry_run", False), "dry_run")
+    check_checkpoint_path(cfg.model)
+    cfg, protocol = apply_protocol(cfg)  # per-method options, budget caps, checkpoint folder, paper-table cells
+    if protocol.skip:  # a job of an experiment's sweep that is not a cell of its table, or a dry run
+        log.info("%s", protocol.skip)
+        return {"run_key": "", "skipped": protocol.skip}
+    task, method, settings = prepare(cfg, gpu_slot)
     label = run_label(cfg, method)
     store, unwritable = results_store(cfg.results_dir)
     check_logger(cfg.logger)  # kind and mode; an online mode's server reached
@@ -268,14 +288,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     rss_baseline = start_memory_tracking(settings.device)
     model.to(settings.device)
     fp_model = copy.deepcopy(model) if cfg.task.get("compare_fp") and method.uses_calibration else None
-    calibration: dict[str, Any] = {"num_images": 0}
-    if method.uses_calibration:
-        data = task.calibration(settings.calib_size, settings.seed, settings.device)
-        calib_start = time.perf_counter()
-        model = method.quantize(model, data)
-        calibration = {**data.identity, "seconds": time.perf_counter() - calib_start}
-        check_calibrated(model, task.uncovered_hint())
-    model.eval()
+    model, calibration = calibrate(task, method, settings, model)
     eval_start = time.perf_counter()
     with evaluating(model, settings.eval_compile) as (evaluated, calls):
         metrics = task.evaluate(evaluated, settings.device, label, fp_model)
