@@ -194,6 +194,13 @@ def test_matches_official_code_on_tiny_vit_fast_config(bits: int) -> None:
     _pin(f"adalog_tiny_w{bits}a{bits}_fast.npz", **FAST)
 
 
+def test_matches_official_code_with_weights_and_activations_apart() -> None:
+    """W4/A6: no post-LayerNorm reparameterization (the official code applies it only when w = a), every other
+    search at its own bit-width; equal to the official run with s_bit and qhead_a_bit set to the activation bits
+    (the official CLI's --a_bit leaves both at the config file's value)."""
+    _pin("adalog_tiny_w4a6_fast.npz", **FAST)
+
+
 def test_chunking_moves_near_ties_only() -> None:
     """Another search memory splits the candidate stacks into other chunks: the scores' float summation changes, so
     near-tied candidates may rank differently, but only in the last bits (hence search_memory_gb is an option of
