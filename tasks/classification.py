@@ -178,7 +178,7 @@ class Classification(Task):
         return model, info
 
     def describe_model(self, model: nn.Module, info: ModelInfo) -> dict[str, Any]:
-        return {**super().describe_model(model, info), "transform": self.transform_cfg}
+        return {**super().describe_model(model, info), "transform": self.transform_cfg, "head_outputs": self.num_outputs}
 
     def check_data(self, calib_size: int) -> None:
         """Open the val split (and train when calibrating) with the labels checked against the head: a class folder

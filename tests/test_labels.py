@@ -111,6 +111,19 @@ def test_evaluation_scores_the_imagenet_index(tmp_path) -> None:
     assert folder_rank["top1"] == 0.0
 
 
+def test_a_class_subset_run_is_labelled_apart_from_the_full_split() -> None:
+    """A record of a 3-class val subset of an ImageNet head gets its own table label, never the paper's cell (the
+    map alone is the same as the full val's); a full split, and a subset already labelled by image count, do not."""
+    from ptq_bench.results.report import protocol_label
+
+    def record(classes: int, max_eval_images: int | None = None) -> dict:
+        return {"metrics": {"top1": 50.0, "num_classes": classes}, "model": {"head_outputs": 1000},
+                "config": {"data": {"max_eval_images": max_eval_images}}}
+
+    assert protocol_label(record(3)) == "eval 3 of 1000 classes"
+    assert protocol_label(record(1000)) == "" and protocol_label(record(900, 2000)) == "eval 2000 imgs"
+
+
 def test_calibration_is_unaffected_by_the_labels(tmp_path) -> None:
     """The same images are drawn with the folder order and with a class map that reverses it (labels unused)."""
     root = make_image_folder(tmp_path / "data", classes=3, per_class=3, size=16)

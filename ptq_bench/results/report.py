@@ -43,8 +43,8 @@ def options_label(record: Mapping[str, Any]) -> str:
 
 
 def protocol_label(record: Mapping[str, Any]) -> str:
-    """What else differs from the paper's protocol: the budget's changes, an evaluation subset, per-layer bits; ""
-    when nothing."""
+    """What else differs from the paper's protocol: the budget's changes, an evaluation subset (of images, or of the
+    head's classes), per-layer bits; "" when nothing."""
     parts = []
     protocol = record.get("protocol") or {}
     if protocol.get("budget_changes"):
@@ -53,6 +53,10 @@ def protocol_label(record: Mapping[str, Any]) -> str:
     data = (record.get("config") or {}).get("data") or {}
     if data.get("max_eval_images"):
         parts.append(f"eval {data['max_eval_images']} imgs")
+    else:  # a val folder with some of the head's classes (an ImageNet subset): not the paper's full split
+        classes, outputs = (record.get("metrics") or {}).get("num_classes"), (record.get("model") or {}).get("head_outputs")
+        if classes and outputs and classes < outputs:
+            parts.append(f"eval {classes} of {outputs} classes")
     if (record.get("config") or {}).get("eval_compile"):
         parts.append("compiled eval")  # may differ from eager evaluation by rounding
     layers = (record.get("bits") or {}).get("layers")
