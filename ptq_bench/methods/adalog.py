@@ -103,6 +103,10 @@ class AdaLog(Method):
     name = "adalog"
     Options = AdaLogOptions
     accepts_quantizers = False
+    #: the per-layer searches (a recipe of the same code base swaps in its own)
+    linear_search: type[LinearSearch] = LinearSearch
+    matmul_search: type[MatMulSearch] = MatMulSearch
+    conv_search: type[ConvSearch] = ConvSearch
 
     @property
     def reparameterize(self) -> bool:
@@ -143,7 +147,7 @@ class AdaLog(Method):
     @torch.no_grad()
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         if not data.uniform_shapes:
-            raise ConfigError("adalog stacks each layer's inputs over the calibration set, but this task's layers see "
+            raise ConfigError(f"{self.name} stacks each layer's inputs over the calibration set, but this task's layers see "
                               "inputs of several shapes")
         model.eval()
         qkv = {id(m) for m in architecture_for(model).qkv_linears(model)}
@@ -152,7 +156,7 @@ class AdaLog(Method):
         if self.reparameterize:
             for pair in layernorm_linear_pairs(model):
                 if len(pair.linears) != 1:
-                    raise ConfigError(f"adalog: {pair.norm_name} feeds {len(pair.linears)} Linears; only one is supported")
+                    raise ConfigError(f"{self.name}: {pair.norm_name} feeds {len(pair.linears)} Linears; only one is supported")
                 norms[id(pair.linears[0])] = pair.norm
         set_quantizers_enabled(model, False)  # the official layers stay in 'raw' mode until every layer is searched
         settings = self.settings()
@@ -160,12 +164,12 @@ class AdaLog(Method):
         with keeps_fp_function(model, data, "AdaLog LayerNorm→Linear reparameterization") as check:  # the folds
             for index, (name, layer) in enumerate(layers):
                 if self.progress:
-                    log.info("adalog: calibrating %s (%d/%d)", name, index + 1, len(layers))
+                    log.info("%s: calibrating %s (%d/%d)", self.name, name, index + 1, len(layers))
                 inputs, output = capture(model, layer, data, settings.batch_size)
                 if isinstance(layer, QuantLinear):
                     self._linear(layer, inputs[0], output, settings, n_v=3 if id(layer) in qkv else 1, norm=norms.get(id(layer)))
                 elif isinstance(layer, QuantConv2d):
-                    search = ConvSearch(layer, inputs[0], output, self.bits.w, settings)
+                    search = self.conv_search(layer, inputs[0], output, self.bits.w, settings)
                     search.search()
                     _install_uniform(layer.weight_quantizer, search.w_scale, search.w_zp, layer.weight.shape[:1] + (1,) * (layer.weight.ndim - 1))
                 else:
@@ -190,20 +194,20 @@ class AdaLog(Method):
             search.search()
             quantizer.set_params(search.a_scale, int(search.q.item()))
         elif norm is not None:
-            search = LinearSearch(weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v, channel_wise=True)
+            search = self.linear_search(weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v, channel_wise=True)
             search.search_channel_wise()
             _reparameterize(search, layer, norm)
             search.search()
             quantizer.fold_to_tensor_(search.a_scale.reshape(()), search.a_zp.reshape(()))
         else:
-            search = LinearSearch(weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v)
+            search = self.linear_search(weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v)
             search.search()
             _install_uniform(quantizer, search.a_scale, search.a_zp, ())
         _install_uniform(layer.weight_quantizer, search.w_scale, search.w_zp, (layer.out_features, 1))
 
     def _matmul(self, layer: QuantMatMul, inputs: list[torch.Tensor], out: torch.Tensor, settings: SearchSettings) -> None:
         post_softmax = isinstance(layer.quantizer_a, AdaLogQuantizer)
-        search = MatMulSearch(inputs[0], inputs[1], out, self.bits.a, self.bits.a, settings, post_softmax=post_softmax)
+        search = self.matmul_search(inputs[0], inputs[1], out, self.bits.a, self.bits.a, settings, post_softmax=post_softmax)
         search.search()
         heads = search.heads
         if post_softmax:

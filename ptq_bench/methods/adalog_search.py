@@ -146,6 +146,11 @@ class _Searcher:
         for b_st in range(0, n, self.s.batch_size):
             yield slice(b_st, min(n, b_st + self.s.batch_size))
 
+    def best(self, total: torch.Tensor, topk: int, dim: int) -> torch.Tensor:
+        """Indices of the ``topk`` highest scores along ``dim`` (``torch.topk``, as AdaLog's matmul and conv
+        searches pick them)."""
+        return torch.topk(total, k=topk, dim=dim)[1]
+
     def fpcs(self, candidates: tuple[torch.Tensor, torch.Tensor], strategy: Callable, dim: int) -> None:
         """FPCS over (scales, zero points) stacked on ``dim`` (0 for weights and matmul operands, -1 for inputs)."""
         width = self.s.fpcs_width
@@ -199,9 +204,14 @@ class LinearSearch(_Searcher):
         self.a_zp = torch.zeros(size, device=dev)
         self._init_chunks()
 
+    #: the official chunk-size formula's weight on the input (``_initialize_calib_parameters``: 8 in AdaLog)
+    input_chunk_weight = 8
+    #: zero-point candidates per weight search: min(16, ``weight_zp_levels``·2^(w-1)) (1 in AdaLog)
+    weight_zp_levels = 1
+
     def _init_chunks(self) -> None:
         b = self.s.batch_size
-        numel = 8 * self.x[:b].numel() + 16 * self.out[:b].numel()
+        numel = self.input_chunk_weight * self.x[:b].numel() + 16 * self.out[:b].numel()
         self.par = parallel_eq_n(self.eq_n, numel, self.s.memory_bytes)
 
     # -------------------------------------------------------------------------------- current quantizers
@@ -214,7 +224,7 @@ class LinearSearch(_Searcher):
 
     # -------------------------------------------------------------------------------- candidates
     def weight_candidates(self, l: float = 0.9, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        num_zp = min(16, self.w_n)
+        num_zp = min(16, self.weight_zp_levels * self.w_n)
         num_scale = int(self.eq_n / num_zp)
         pct = torch.tensor([l, r])
         w = self.weight.view(self.n_v, self.rows, self.in_features)
@@ -557,8 +567,7 @@ class MatMulSearch(_Searcher):
                 sims.append(sim.sum(dim=1, keepdim=True))
             batch_sims.append(torch.cat(sims, 0))
         total = torch.cat(batch_sims, dim=1).sum(dim=1, keepdim=False)
-        _, index = torch.topk(total, k=topk, dim=0)
-        index = index.view(topk, 1, -1, 1, 1)
+        index = self.best(total, topk, 0).view(topk, 1, -1, 1, 1)
         if topk == 1:
             scale = torch.gather(scales, 0, index).view(1, self.heads, 1, 1)
             zp = torch.gather(zps, 0, index).view(1, self.heads, 1, 1).to(scale.dtype)
@@ -664,8 +673,7 @@ class ConvSearch(_Searcher):
                 sims.append(torch.sum(sim, dim=0, keepdim=True))
             batch_sims.append(torch.cat(sims, dim=1))
         total = torch.cat(batch_sims, dim=0).sum(dim=0, keepdim=False)
-        _, index = torch.topk(total, k=topk, dim=0)
-        index = index.view(topk, -1, 1)
+        index = self.best(total, topk, 0).view(topk, -1, 1)
         if topk == 1:
             self.w_scale = torch.gather(scales, 0, index).squeeze(0)
             self.w_zp = torch.gather(zps, 0, index).squeeze(0).to(self.w_scale.dtype)

@@ -1,0 +1,92 @@
+"""APHQ-ViT: the recipe's placement and options, the fork's searches, and pins against the official code's
+calibration on a tiny ViT (tests/fixtures/aphq_vit_tiny_w*a*.npz, GoatWu/APHQ-ViT @ 84c9fde)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ptq_bench.calibration import image_calibration
+from ptq_bench.compare import qparam_diffs
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.methods.adalog_search import SearchSettings
+from ptq_bench.methods.aphq_vit_search import PercentileConvSearch, UpperLowerMatMulSearch, bounds_grid
+from test_repq_vit import synthetic_batch, tiny_vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+#: the official patch-embedding input quantizer exists but never acts at qconv_a_bit = 8
+UNUSED = ("patch_embed.proj.a_quantizer.",)
+#: the calibration alone (no reconstruction)
+CALIBRATION_ONLY: dict = {}
+
+
+def test_placement_and_refusals() -> None:
+    table = build_method("aphq_vit", BitWidth(4, 4)).placement()
+    assert table["patch_embed"] is None
+    assert {table[r].name for r in ("post_softmax", "query", "key", "value", "activation")} == {"uniform"}
+    assert table["post_softmax"].options == {"granularity": "channel", "channel_dim": 1}  # per head
+    assert table["post_layernorm"].options["granularity"] == "channel"
+    assert build_method("aphq_vit", BitWidth(4, 8)).placement()["post_layernorm"].options["granularity"] == "tensor"
+    with pytest.raises(ConfigError, match="qconv_a_bit"):
+        build_method("aphq_vit", BitWidth(4, 4), qconv_a_bit=6)
+    with pytest.raises(ConfigError, match="takes no other quantizers"):
+        build_method("aphq_vit", BitWidth(4, 4), quantizers={"post_gelu": "log2"})
+
+
+def test_bounds_grid_by_hand() -> None:
+    """[-1, 2] at 2 bits: s = 3/3 = 1, z = -round(-1/1) = 1."""
+    scale, zero_point = bounds_grid(torch.tensor([2.0]), torch.tensor([-1.0]), 4)
+    assert scale.tolist() == [1.0] and zero_point.tolist() == [1.0]
+
+
+def test_matmul_bounds_span_the_quantile_ranges() -> None:
+    """eq_n + 1 upper bounds from the 0.99 to the 0.99999 quantile per head, lower bounds mirrored."""
+    a = torch.randn(2, 3, 5, 7)
+    settings = SearchSettings(eq_n=8, search_round=1, fpcs=False, steps=1, batch_size=2, memory_bytes=2**30)
+    search = UpperLowerMatMulSearch(a, a.transpose(-1, -2), a @ a.transpose(-1, -2), 4, 4, settings)
+    upper, lower = search.bounds(a)
+    assert upper.shape == lower.shape == (9, 1, 3, 1, 1)
+    head = a[:, 1].reshape(-1)
+    assert torch.allclose(upper[0, 0, 1], torch.quantile(head, 0.99)) and torch.allclose(upper[-1, 0, 1], torch.quantile(head, 0.99999))
+    assert torch.allclose(lower[-1, 0, 1], torch.quantile(head, 0.01)) and torch.allclose(lower[0, 0, 1], torch.quantile(head, 0.00001))
+
+
+def test_conv_percentiles() -> None:
+    """Upper percentiles 0.99 + 0.0099·(i/(eq_n-1))^0.5, then 1 (the maximum)."""
+    conv = torch.nn.Conv2d(3, 4, 2, 2)
+    settings = SearchSettings(eq_n=4, search_round=1, fpcs=False, steps=1, batch_size=2, memory_bytes=2**30)
+    x = torch.randn(2, 3, 4, 4)
+    upper, lower = PercentileConvSearch(conv, x, conv(x), 4, settings).bounds()
+    w = conv.weight.detach().view(4, -1)
+    assert upper.shape == (5, 4, 1)
+    assert torch.equal(upper[-1, :, 0], w.amax(1)) and torch.equal(lower[-1, :, 0], w.amin(1))
+    assert torch.allclose(upper[1, :, 0], torch.quantile(w, 0.99 + 0.0099 * (1 / 3) ** 0.5, dim=1))
+
+
+def _pin(fixture_name: str, **options) -> None:
+    with np.load(FIXTURES / fixture_name) as z:
+        fixture = {k: z[k] for k in z.files}
+    meta = json.loads(str(fixture["meta"]))
+    model = tiny_vit()
+    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
+    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    with torch.no_grad():
+        assert torch.equal(model(evalx), torch.from_numpy(fixture["logits/fp"]))
+        build_method("aphq_vit", BitWidth(meta["w_bits"], meta["a_bits"]), **options).quantize(model, image_calibration(calib))
+        logits = model(evalx)
+    diffs = qparam_diffs(model, fixture, UNUSED)
+    assert len(diffs) == meta["n_qparams"] - 1 == 54
+    worst = max(diffs, key=lambda d: d.max_abs)
+    assert worst.max_abs == 0.0, worst  # bit-exact: every scale and zero point
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_calibration_matches_official_code_on_tiny_vit(bits: int) -> None:
+    """configs/{3,4}bit/best.py as they are (eq_n 128, 3 rounds), calibration only (``--calibrate``), 4 images."""
+    _pin(f"aphq_vit_tiny_w{bits}a{bits}.npz", **CALIBRATION_ONLY)
