@@ -28,10 +28,11 @@ from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.models import set_quantizers_enabled
 
 #: official attribute / quantizer names → ours (RepQ-ViT quant_modules.py / quantizer.py naming; AdaLog's
-#: quant_layers/*.py ``w_quantizer``/``a_quantizer``/``A_quantizer``/``B_quantizer``)
+#: quant_layers/*.py ``w_quantizer``/``a_quantizer``/``A_quantizer``/``B_quantizer``; ERQ's two-part weight quantizer)
 _NAME_MAP = {"quantizer_A": "quantizer_a", "quantizer_B": "quantizer_b", "delta": "scale",
              "w_quantizer": "weight_quantizer", "a_quantizer": "input_quantizer",
-             "A_quantizer": "quantizer_a", "B_quantizer": "quantizer_b"}
+             "A_quantizer": "quantizer_a", "B_quantizer": "quantizer_b",
+             "delta_2": "scale_2", "unique_top_indices": "outlier_columns", "unique_nottop_indices": "other_columns"}
 #: official quantizers that exist but never act, per method (left out of the comparison): AdaLog's patch-embedding
 #: input quantizer at qconv_a_bit = 8 (quant_layers/conv.py ``quant_input`` returns the input for n_bits >= 8)
 IGNORED_QPARAMS = {"adalog": ("patch_embed.proj.a_quantizer.",)}

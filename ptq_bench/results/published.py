@@ -34,6 +34,7 @@ METHOD_ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dopq_vit": ("DopQ-ViT", ("APHQ-ViT", "GLF-Q (2026 preprint)", "Korean benchmark README")),
     "aiqvit": ("AIQViT", ("AIQViT",)),
     "adalog": ("AdaLog (calibration only)", ("AdaLog",)),  # its README's "Calibrate" column; no reconstruction here
+    "erq": ("ERQ (TPAMI)", ("ERQ (TPAMI 2025)",)),  # the official README's table (the code is the TPAMI extension)
 }
 
 
