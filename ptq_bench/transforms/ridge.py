@@ -52,14 +52,14 @@ def activation_error_ridge(weight: torch.Tensor, bias: torch.Tensor | None, x_q:
 def refine_rounding(delta: torch.Tensor, floor_err: torch.Tensor, ceil_err: torch.Tensor, coes: torch.Tensor,
                     steps: int) -> torch.Tensor:
     """Greedy floor/ceil flips of one block of rows (``delta``, its floor and ceil errors: (rows, k)), in place."""
-    failed = torch.zeros(len(delta), dtype=torch.bool)
+    failed = torch.zeros(len(delta), dtype=torch.bool, device=delta.device)
     for _ in range(steps):
         if not torch.sum(~failed) > 0:
             break
         previous = delta.clone()
         gradient = (2 * coes @ delta.T).T
         gradient[~(delta * gradient > 0)] = 0
-        flips = torch.minimum(torch.sum(gradient != 0, dim=1), torch.tensor(1))
+        flips = torch.minimum(torch.sum(gradient != 0, dim=1), torch.tensor(1, device=delta.device))
         _, where = torch.topk(abs(gradient), k=int(torch.max(flips).item()), dim=1)
         step = torch.gather(delta, 1, where) - torch.gather(gradient, 1, where)
         ceils, floors = torch.gather(ceil_err, 1, where), torch.gather(floor_err, 1, where)
@@ -83,12 +83,12 @@ def progressive_quantize(wb: torch.Tensor, a: torch.Tensor, grid: Grid, lam: flo
     ``wb``: quantized columns on the grid (up to float error), the last column FP and compensated."""
     current = wb.clone()
     mask = torch.ones_like(current[0]).bool()
-    blocks = [torch.arange(start, min(start + row_block, len(current))) for start in range(0, len(current), row_block)]
+    blocks = [torch.arange(start, min(start + row_block, len(current)), device=wb.device) for start in range(0, len(current), row_block)]
     while torch.sum(mask) > 1:
         n_quant = torch.sum(mask) // 2
         n_adjust = int(torch.sum(mask) - n_quant)
         done = torch.sum(~mask)
-        columns = torch.arange(0 + done, n_quant + done)
+        columns = torch.arange(0 + done, n_quant + done, device=wb.device)
         error = _error(grid(current, torch.round), current)
         if refine_steps:
             floor_err, ceil_err = _error(grid(current, torch.floor), current), _error(grid(current, torch.ceil), current)
