@@ -24,6 +24,7 @@ TINY = {
     "base_ptq": {"eq_n": 8},
     "dopq_vit": {"iters": 2, "batch_size": 4, "init_calib_size": 4},
     "aiqvit": {"search_iters": 2, "iters": 2, "batch_size": 4, "candidate_ranks": [2, 4], "init_size": 4},
+    "erq": {"refine_steps": 5},
 }
 
 
@@ -139,7 +140,7 @@ def test_unknown_architecture_is_refused_in_one_line(name: str) -> None:
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["repq_vit", "dopq_vit", "aiqvit"])
+@pytest.mark.parametrize("name", ["repq_vit", "dopq_vit", "aiqvit", "erq"])
 def test_post_norm_blocks_are_refused_by_layernorm_reparameterization(name: str) -> None:
     model = post_norm_vit()
     with pytest.raises(ConfigError, match="PostNormBlock.*not a known pre-norm block"):
