@@ -89,6 +89,8 @@ class ERQ(Method):
         if self.options.two_part_weights:
             self._two_part_weights_(model)
         layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+        if any(isinstance(m, QuantConv2d) and (m.groups != 1 or m.dilation != (1, 1)) for m in layers):
+            raise ConfigError("erq: Wqer unfolds plain convolutions only (groups 1, dilation 1)")
         weight_quantizers = [m.weight_quantizer for m in layers if m.weight_quantizer is not None]
         for quantizer in weight_quantizers:
             quantizer.enabled = False
@@ -97,6 +99,7 @@ class ERQ(Method):
         with keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization") as check:
             edited = reparameterize_layernorm_(model, mean_target)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
+        self._reduced: set[int] = set()
         handles = [layer.register_forward_hook(self._reduce_errors_hook) for layer in layers]
         try:
             with quantizers_off(model):
@@ -120,6 +123,10 @@ class ERQ(Method):
                     linear.refresh_weight()
 
     def _reduce_errors_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        """Aqer and Wqer of ``layer`` from its first call (the official ``store_input[0]``); later calls pass."""
+        if id(layer) in self._reduced:
+            return
+        self._reduced.add(id(layer))
         x = inputs[0]
         x_q = layer.input_quantizer.quantize(x) if layer.input_quantizer is not None else x
         if isinstance(layer, QuantLinear):
@@ -140,8 +147,6 @@ class ERQ(Method):
             layer.bias.data = new_b.squeeze()
 
     def _conv_(self, layer: QuantConv2d, x_q: torch.Tensor) -> None:
-        if layer.groups != 1 or layer.dilation != (1, 1):
-            raise ConfigError("erq: Wqer unfolds plain convolutions only (groups 1, dilation 1)")
         kernel, out = layer.weight.shape[2], layer.weight.shape[0]
         cols = F.unfold(x_q, kernel, stride=layer.stride[0], padding=layer.padding[0]).transpose(1, 2).reshape(-1, layer.weight[0].numel())
         _fit(layer.weight_quantizer, layer.weight)
