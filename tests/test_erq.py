@@ -148,7 +148,7 @@ def test_matches_official_code_on_tiny_vit() -> None:
     """Every quantizer parameter (two-part grids and their column split included), every final weight and bias after
     Aqer and Wqer, and the quantized logits equal the official code's bit for bit (zysxmu/ERQ @ 2f5b4ce, run by
     shared/oracles/erq_oracle.py --tiny on this ViT; see the fixture's ``meta``)."""
-    if not ranks_in_input_dtype() is False:
+    if ranks_in_input_dtype():
         pytest.skip("the fixture was made under torch 2.14 (torch.quantile ranks in double); regenerate it with "
                     "shared/oracles/erq_oracle.py --tiny and python -m ptq_bench.compare --write-fixture")
     with np.load(FIXTURE) as z:
