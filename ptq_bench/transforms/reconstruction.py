@@ -57,6 +57,8 @@ class ReconStep:
 
     ``curriculum`` restricts the pool to its easiest samples (None: the whole pool); ``before`` runs before the
     forward pass (e.g. to resample drop-path masks), ``after`` after the update (e.g. to project parameters).
+    ``always_shuffle`` draws the batch as ``randperm(pool)[:batch_size]`` even when the pool fits in one batch (the
+    official BRECQ/QDrop loops do; otherwise such a pool is used whole, in order).
     """
 
     optimizer: torch.optim.Optimizer
@@ -64,11 +66,17 @@ class ReconStep:
     curriculum: Optional[Curriculum] = None
     before: Optional[Callable[[], None]] = None
     after: Optional[Callable[[], None]] = None
+    always_shuffle: bool = False
 
 
-def _batches(active: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A random batch of ``active`` (without replacement; the whole set when it is smaller than a batch)."""
-    if active.numel() <= batch_size:
+#: A training objective given the batch's sample indices: the scalar loss of one step (its own forward).
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _batches(active: torch.Tensor, batch_size: int, generator: torch.Generator, always_shuffle: bool = False) -> torch.Tensor:
+    """A random batch of ``active`` (without replacement; the whole set when it is smaller than a batch, unless
+    ``always_shuffle``)."""
+    if active.numel() <= batch_size and not always_shuffle:
         return active
     pick = torch.randperm(active.numel(), generator=generator)[:batch_size]
     return active[pick.to(active.device)]
@@ -105,7 +113,7 @@ def reconstruct_block(
     iters: int,
     batch_size: int,
     generator: torch.Generator,
-    loss: Loss = "mse",
+    loss: Union[Loss, Objective] = "mse",
     desc: str = "",
     progress: bool = False,
     compile: Union[bool, CompiledLoss, None] = False,
@@ -116,8 +124,12 @@ def reconstruct_block(
     dropout or stochastic depth inside a pretrained block stays off. Small blocks run on one CPU thread
     (:func:`cpu_threads_for`). ``compile``: the forward and loss of every training step through ``torch.compile``
     (True, or a :class:`CompiledLoss` shared by the blocks of a model, which counts graphs and compile time); blocks
-    whose inputs are :class:`BlockInputs` (extra arguments, samples of different shapes) are refused.
+    whose inputs are :class:`BlockInputs` (extra arguments, samples of different shapes) are refused. ``loss``: a
+    per-sample loss name, or an :data:`Objective` that computes a step's loss from the batch's indices itself
+    (mixed inputs, regularizers; not with a curriculum or ``compile``).
     """
+    if callable(loss) and (compile or any(step.curriculum is not None for step in steps)):
+        raise ConfigError("a reconstruction objective runs eagerly and without a curriculum")
     compiled = CompiledLoss() if compile is True else (compile or None)
     if compiled is not None and not isinstance(inputs, torch.Tensor):
         raise ConfigError(
@@ -136,11 +148,14 @@ def reconstruct_block(
                         losses = evaluate_losses(block, inputs, targets, step.pool, batch_size, loss)
                         order[k] = step.pool[losses.argsort(stable=True).to(step.pool.device)]
                     active = order[k][: step.curriculum.count(t, iters, step.pool.numel())]  # type: ignore[index]
-                idx = _batches(active, batch_size, generator)
+                idx = _batches(active, batch_size, generator, step.always_shuffle)
                 if step.before is not None:
                     step.before()
                 step.optimizer.zero_grad(set_to_none=True)
-                if compiled is not None:
+                if callable(loss):
+                    value = loss(idx)
+                    value.backward()
+                elif compiled is not None:
                     with compiled.timing():
                         value = compiled(block, inputs[idx], targets[idx], loss)  # type: ignore[arg-type]
                         value.backward()

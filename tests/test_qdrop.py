@@ -1,0 +1,135 @@
+"""QDrop (as the APHQ-ViT authors reproduce it): AdaRound and the QDrop mixing by hand, the official generator
+stream, and a pin of the whole reconstruction against the official code (tests/fixtures/qdrop_tiny_w4a4_it4.npz,
+GoatWu/APHQ-ViT @ 84c9fde)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ptq_bench.calibration import image_calibration
+from ptq_bench.compare import qparam_diffs
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.methods.qdrop import fp_copy, lp_loss
+from ptq_bench.quant.layers import QuantLinear
+from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.transforms.adaround import AdaRoundQuantizer, RoundingAnnealing, attach_, bake_
+from ptq_bench.transforms.qdrop import dropping_activations, mask_like, mixed_inputs, skip_loader_seeds
+from test_repq_vit import synthetic_batch, tiny_vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _layer() -> QuantLinear:
+    linear = nn.Linear(3, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.26, -0.74, 0.5], [0.1, 0.9, -0.05]]))
+    quantizer = UniformQuantizer(4, granularity="channel", channel_dim=0)
+    quantizer.set_params(torch.tensor([[0.5], [0.2]]), torch.tensor([[8.0], [8.0]]))
+    return QuantLinear.convert_(linear, quantizer, None)
+
+
+def test_adaround_starts_at_the_fractional_part_and_bakes_the_hard_choice() -> None:
+    layer = _layer()
+    (rounder,) = attach_([layer])
+    assert isinstance(layer.weight_quantizer, AdaRoundQuantizer)
+    w = layer.weight.detach()
+    rest = w / torch.tensor([[0.5], [0.2]]) - torch.floor(w / torch.tensor([[0.5], [0.2]]))
+    assert torch.allclose(rounder.rounding(), rest, atol=1e-6)  # h(α₀) = w/s - floor(w/s)
+    assert torch.allclose(layer.quantized_weight(), w, atol=1e-6)  # soft: floor + rest = the FP weight
+    with torch.no_grad():
+        rounder.alpha.copy_(torch.tensor([[1.0, -1.0, 0.0], [-2.0, 3.0, 1.0]]))
+    bake_([layer])
+    # (floor(w/s) + [α ≥ 0])·s: 0.26/0.5 -> 0 + 1; -0.74/0.5 -> -2 + 0; 0.5/0.5 -> 1 + 1; 0.1/0.2 -> 0 + 0 (0.5 floors to 0);
+    # 0.9/0.2 -> 4 + 1; -0.05/0.2 -> -1 + 1
+    expected = torch.tensor([[0.5, -1.0, 1.0], [0.0, 1.0, 0.0]])
+    assert torch.allclose(layer.weight, expected, atol=1e-6)
+    assert isinstance(layer.weight_quantizer, UniformQuantizer)
+    assert torch.allclose(layer.quantized_weight(), expected, atol=1e-6)  # the uniform grid keeps the baked levels
+
+
+def test_regularizer_and_annealing_by_hand() -> None:
+    layer = _layer()
+    (rounder,) = attach_([layer])
+    with torch.no_grad():
+        rounder.alpha.fill_(0.0)  # h = 0.5·1.2 - 0.1 = 0.5: each element costs 1 - 0^b = 1
+    assert rounder.regularizer(2.0).item() == pytest.approx(6.0)
+    annealing = RoundingAnnealing(iters=100, warmup=0.2, start_b=20, end_b=2)
+    assert not annealing.active(19) and annealing.active(20)
+    assert annealing.b(20) == 20 and annealing.b(60) == pytest.approx(11.0) and annealing.b(100) == 2
+
+
+def test_masks_fill_the_input_layout_like_rand_like() -> None:
+    k_t = torch.randn(2, 5, 3, 4, 6).permute(2, 0, 3, 1, 4)[1].transpose(-2, -1)  # a K-transposed operand
+    torch.manual_seed(3)
+    expected = torch.rand_like(k_t) < 0.5
+    assert torch.equal(mask_like(k_t, 0.5, torch.Generator().manual_seed(3)), expected)
+
+
+def test_mixing_extremes() -> None:
+    q, fp = torch.zeros(4, 5), torch.ones(4, 5)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(mixed_inputs(q, fp, 1.0, g), q) and torch.equal(mixed_inputs(q, fp, 0.0, g), fp)
+    quantizer = UniformQuantizer(2)
+    quantizer.set_params(torch.tensor(1.0), torch.tensor(0.0))
+    x = torch.full((3, 3), 0.4)
+    with dropping_activations([quantizer], 0.0, g):
+        assert torch.equal(quantizer(x), x)  # never quantized
+    assert torch.equal(quantizer(x), torch.zeros(3, 3))  # the hook is gone
+
+
+def test_loader_seed_draws_are_a_dataloader_pass() -> None:
+    """One iteration over a torch DataLoader draws one int64 from the global generator (its base seed)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=2)
+    torch.manual_seed(11)
+    for _ in loader:
+        pass
+    expected = torch.randperm(16)
+    g = torch.Generator().manual_seed(11)
+    skip_loader_seeds(g, 1)
+    assert torch.equal(torch.randperm(16, generator=g), expected)
+
+
+def test_lp_loss_sums_over_tokens() -> None:
+    assert lp_loss(torch.ones(2, 3, 4), torch.zeros(2, 3, 4)).item() == 3.0
+
+
+def test_options_refused() -> None:
+    with pytest.raises(ConfigError, match="drop_prob"):
+        build_method("qdrop", BitWidth(4, 4), drop_prob=1.5)
+    with pytest.raises(ConfigError, match="warmup"):
+        build_method("qdrop", BitWidth(4, 4), warmup=1.0)
+
+
+def test_reconstruction_matches_official_code_on_tiny_vit() -> None:
+    """configs/4bit/qdrop_baseline.py (calibration on 4 images, reconstruction on 8, 4 steps per unit, generator
+    seeded 7 before the reconstruction as the oracle reseeds the global one): every quantizer tensor, every baked
+    weight and the quantized logits equal the official run's bit for bit. The official code ran with torch's
+    clamp gradient of torch <= 2.13 at the bounds (its README pins torch 1.10), which ptq_bench/quant/ste.py fixes."""
+    with np.load(FIXTURES / "qdrop_tiny_w4a4_it4.npz") as z:
+        fixture = {k: z[k] for k in z.files}
+    meta = json.loads(str(fixture["meta"]))
+    model = tiny_vit()
+    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
+    optim = synthetic_batch(meta["seed"] + 3000, meta["optim_size"], (3, 32, 32))
+    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    method = build_method("qdrop", BitWidth(meta["w_bits"], meta["a_bits"]), iters=meta["iters"])
+    fp = fp_copy(model)
+    method.calibrate_(model, image_calibration(calib))
+    method.reconstruct(model, fp, image_calibration(optim), torch.Generator().manual_seed(meta["reseed"]))
+    with torch.no_grad():
+        logits = model(evalx)
+    diffs = qparam_diffs(model, fixture, ("patch_embed.proj.a_quantizer.",))
+    assert len(diffs) == meta["n_qparams"] - 1 == 54 and max(d.max_abs for d in diffs) == 0.0
+    state = model.state_dict()
+    weights = [k[len("q_weight/"):] for k in fixture if k.startswith("q_weight/")]
+    assert len(weights) == 15  # patch embedding, per block 2 LayerNorms (folded) and 4 Linears, head
+    for name in weights:
+        assert torch.equal(state[name], torch.from_numpy(fixture[f"q_weight/{name}"])), name
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
