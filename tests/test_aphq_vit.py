@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 #: the official patch-embedding input quantizer exists but never acts at qconv_a_bit = 8
 UNUSED = ("patch_embed.proj.a_quantizer.",)
 #: the calibration alone (no reconstruction)
-CALIBRATION_ONLY: dict = {}
+CALIBRATION_ONLY = {"iters": 0, "reconstruct_mlp": False}
 
 
 def test_placement_and_refusals() -> None:
@@ -90,3 +90,51 @@ def _pin(fixture_name: str, **options) -> None:
 def test_calibration_matches_official_code_on_tiny_vit(bits: int) -> None:
     """configs/{3,4}bit/best.py as they are (eq_n 128, 3 rounds), calibration only (``--calibrate``), 4 images."""
     _pin(f"aphq_vit_tiny_w{bits}a{bits}.npz", **CALIBRATION_ONLY)
+
+
+def test_aph_loss_and_positive_quantile_by_hand() -> None:
+    from ptq_bench.transforms.aph import aph_loss
+    from ptq_bench.transforms.aph_mlp import positive_quantile
+
+    out, target = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    assert aph_loss(out, target, torch.tensor([[2.0, -1.0]])).item() == (2 * 1 + 1 * 4) / 4  # |H| weights
+    # positives 1..10: rank ceil(10·0.98) - 1 = 9 -> 10; ceil(10·0.5) - 1 = 4 -> 5
+    x = torch.cat([torch.arange(1.0, 11.0), -torch.ones(5), torch.zeros(3)])
+    assert positive_quantile(x, 0.98) == 10.0 and positive_quantile(x, 0.5) == 5.0
+
+
+def test_mlp_pct_follows_the_weight_bits() -> None:
+    assert build_method("aphq_vit", BitWidth(3, 3)).mlp_pct == 0.99
+    assert build_method("aphq_vit", BitWidth(4, 4)).mlp_pct == 0.98
+
+
+def test_full_pipeline_matches_official_code_on_tiny_vit() -> None:
+    """configs/4bit/best.py with --reconstruct-mlp (calibration on 4 images, MLP and block reconstruction on 8, 4
+    steps each, the generator seeded 7 before each reconstruction as the oracle reseeds the global one): the ReLU MLPs'
+    weights, all 54 quantizer tensors, every weight and bias and the quantized logits equal the official run's bit for
+    bit (clamp gradient of torch <= 2.13 at the grid bounds, as the official README's torch 1.10; see test_qdrop.py)."""
+    from ptq_bench.methods.qdrop import fp_copy
+
+    with np.load(FIXTURES / "aphq_vit_tiny_w4a4_it4.npz") as z:
+        fixture = {k: z[k] for k in z.files}
+    meta = json.loads(str(fixture["meta"]))
+    model = tiny_vit()
+    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
+    optim = image_calibration(synthetic_batch(meta["seed"] + 3000, meta["optim_size"], (3, 32, 32)))
+    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    method = build_method("aphq_vit", BitWidth(meta["w_bits"], meta["a_bits"]), iters=meta["iters"], mlp_iters=meta["iters"])
+    fp = fp_copy(model)
+    method.prepare_fp_(model, fp, optim, torch.Generator().manual_seed(meta["reseed"]))
+    assert isinstance(model.blocks[0].mlp.act, torch.nn.ReLU) and not isinstance(fp.blocks[0].mlp.act, torch.nn.ReLU)
+    method.calibrate_(model, image_calibration(calib))
+    method.reconstruct(model, fp, optim, torch.Generator().manual_seed(meta["reseed"]))
+    with torch.no_grad():
+        logits = model(evalx)
+    diffs = qparam_diffs(model, fixture, UNUSED)
+    assert len(diffs) == meta["n_qparams"] - 1 == 54 and max(d.max_abs for d in diffs) == 0.0
+    state = model.state_dict()
+    weights = [k[len("q_weight/"):] for k in fixture if k.startswith("q_weight/")]
+    assert len(weights) == 30
+    for name in weights:
+        assert torch.equal(state[name], torch.from_numpy(fixture[f"q_weight/{name}"])), name
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))

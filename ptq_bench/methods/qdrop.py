@@ -135,7 +135,8 @@ class QDrop(AphqCalibration):
         """The calibration search alone (:class:`AphqCalibration`), on all of ``data``."""
         super()._quantize(model, data)
 
-    def prepare_fp_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData) -> None:
+    def prepare_fp_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
+                    generator: Optional[torch.Generator] = None) -> None:
         """A change to the FP model before calibration (APHQ-ViT's MLP reconstruction); none for QDrop."""
 
     def reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
