@@ -33,9 +33,10 @@ _NAME_MAP = {"quantizer_A": "quantizer_a", "quantizer_B": "quantizer_b", "delta"
              "w_quantizer": "weight_quantizer", "a_quantizer": "input_quantizer",
              "A_quantizer": "quantizer_a", "B_quantizer": "quantizer_b",
              "delta_2": "scale_2", "unique_top_indices": "outlier_columns", "unique_nottop_indices": "other_columns"}
-#: official quantizers that exist but never act, per method (left out of the comparison): AdaLog's patch-embedding
-#: input quantizer at qconv_a_bit = 8 (quant_layers/conv.py ``quant_input`` returns the input for n_bits >= 8)
-IGNORED_QPARAMS = {"adalog": ("patch_embed.proj.a_quantizer.",)}
+#: official quantizers that exist but never act, per method (left out of the comparison): the AdaLog code base's
+#: patch-embedding input quantizer at qconv_a_bit = 8 (quant_layers/conv.py ``quant_input`` returns the input for
+#: n_bits >= 8; APHQ-ViT and its QDrop are forks of it)
+IGNORED_QPARAMS = {method: ("patch_embed.proj.a_quantizer.",) for method in ("adalog", "aphq_vit", "qdrop")}
 
 
 @dataclass(frozen=True)
