@@ -108,14 +108,15 @@ def test_mlp_pct_follows_the_weight_bits() -> None:
     assert build_method("aphq_vit", BitWidth(4, 4)).mlp_pct == 0.98
 
 
-def test_full_pipeline_matches_official_code_on_tiny_vit() -> None:
-    """configs/4bit/best.py with --reconstruct-mlp (calibration on 4 images, MLP and block reconstruction on 8, 4
+@pytest.mark.parametrize("bits", [3, 4])
+def test_full_pipeline_matches_official_code_on_tiny_vit(bits: int) -> None:
+    """configs/{3,4}bit/best.py (fc2 clamp percentile 0.99, 0.98) with --reconstruct-mlp (calibration on 4 images, MLP and block reconstruction on 8, 4
     steps each, the generator seeded 7 before each reconstruction as the oracle reseeds the global one): the ReLU MLPs'
     weights, all 54 quantizer tensors, every weight and bias and the quantized logits equal the official run's bit for
     bit (clamp gradient of torch <= 2.13 at the grid bounds, as the official README's torch 1.10; see test_qdrop.py)."""
     from ptq_bench.methods.qdrop import fp_copy
 
-    with np.load(FIXTURES / "aphq_vit_tiny_w4a4_it4.npz") as z:
+    with np.load(FIXTURES / f"aphq_vit_tiny_w{bits}a{bits}_it4.npz") as z:
         fixture = {k: z[k] for k in z.files}
     meta = json.loads(str(fixture["meta"]))
     model = tiny_vit()
