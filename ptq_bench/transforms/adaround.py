@@ -97,12 +97,12 @@ def bake_(layers: list[QuantLinear | QuantConv2d]) -> None:
 @dataclass(frozen=True)
 class RoundingAnnealing:
     """The regularizer's exponent over ``iters`` steps: none before ``warmup``·iters (b = 0: no term), then b linear
-    from ``start_b`` to ``end_b`` (``LinearTempDecay`` with decay_start 0)."""
+    from ``start_b`` to ``end_b`` (``LinearTempDecay`` with decay_start 0; the values are the method's options)."""
 
     iters: int
-    warmup: float = 0.2
-    start_b: float = 20.0
-    end_b: float = 2.0
+    warmup: float
+    start_b: float
+    end_b: float
 
     def active(self, count: int) -> bool:
         """Whether the regularizer counts at the ``count``-th loss evaluation (1-based)."""
