@@ -4,8 +4,8 @@ GoatWu/APHQ-ViT @ 84c9fde, configs/{3,4}bit/qdrop_baseline.py with ``--calibrate
 
 1. Calibration (:mod:`ptq_bench.methods.aphq_vit_calibration`) on the first ``search_size`` calibration images
    (calib_size = 128 in the configs; the reconstruction set is optim_size = 1024).
-2. Reconstruction, unit by unit in forward order: the patch embedding, every transformer block, the head
-   (utils/block_recon.py ``BlockReconstructor``). Each unit's FP input and output come from the FP model, its
+2. Reconstruction, unit by unit in module order: the patch embedding, every transformer block and a Swin's patch
+   merging, the head (utils/block_recon.py ``BlockReconstructor``). Each unit's FP input and output come from the FP model, its
    quantized input from the quantized model (earlier units already reconstructed); for ``iters`` steps a batch of
    ``batch_size`` samples (``randperm(n)[:batch_size]``) is drawn, the input mixed per element (QDrop, ``drop_prob``:
    the quantized input with that probability, :mod:`ptq_bench.transforms.qdrop`), every activation quantizer's
@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import PatchMerging
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -77,13 +78,11 @@ class QDropOptions(CalibrationOptions):
 
 
 def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The official reconstruction units in forward order: the patch embedding, the transformer blocks, the head
-    (those the model has)."""
-    units = [("patch_embed", model.patch_embed)] if isinstance(getattr(model, "patch_embed", None), nn.Module) else []
-    units += find_blocks(model)
-    if isinstance(getattr(model, "head", None), nn.Module):
-        units.append(("head", model.head))
-    return units
+    """The official reconstruction units (``BlockReconstructor.types_of_block``) in module order: the patch
+    embedding, the transformer blocks, a Swin's patch merging layers, the head (those the model has)."""
+    blocks = {id(block) for _, block in find_blocks(model)}
+    return [(name, module) for name, module in model.named_modules()
+            if name in ("patch_embed", "head") or id(module) in blocks or isinstance(module, PatchMerging)]
 
 
 def _quantized(module: nn.Module) -> bool:
