@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_repq_vit import synthetic_batch, tiny_vit
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.compare import qparam_diffs
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.methods.adalog_search import SearchSettings
-from ptq_bench.methods.aphq_vit_search import PercentileConvSearch, UpperLowerMatMulSearch, bounds_grid
-from test_repq_vit import synthetic_batch, tiny_vit
+from ptq_bench.methods.aphq_vit_search import (
+    PercentileConvSearch,
+    UpperLowerMatMulSearch,
+    bounds_grid,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: the official patch-embedding input quantizer exists but never acts at qconv_a_bit = 8

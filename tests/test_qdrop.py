@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_repq_vit import synthetic_batch, tiny_vit
 from torch import nn
 
 from ptq_bench.calibration import image_calibration
@@ -19,9 +20,18 @@ from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.methods.qdrop import fp_copy, lp_loss
 from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.adaround import AdaRoundQuantizer, RoundingAnnealing, attach_, bake_
-from ptq_bench.transforms.qdrop import dropping_activations, mask_like, mixed_inputs, skip_loader_seeds
-from test_repq_vit import synthetic_batch, tiny_vit
+from ptq_bench.transforms.adaround import (
+    AdaRoundQuantizer,
+    RoundingAnnealing,
+    attach_,
+    bake_,
+)
+from ptq_bench.transforms.qdrop import (
+    dropping_activations,
+    mask_like,
+    mixed_inputs,
+    skip_loader_seeds,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

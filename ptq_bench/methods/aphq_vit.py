@@ -13,7 +13,6 @@ configs/{3,4}bit/best.py with ``test_quant.py --reconstruct-mlp --calibrate --op
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -58,7 +57,7 @@ class AphqVit(QDrop):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._targets: Optional[list[torch.Tensor]] = None
+        self._targets: list[torch.Tensor] | None = None
 
     @property
     def mlp_pct(self) -> float:
@@ -68,7 +67,7 @@ class AphqVit(QDrop):
         return o.mlp_pct_3bit if self.bits.w == 3 else o.mlp_pct
 
     def prepare_fp_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
-                    generator: Optional[torch.Generator] = None) -> None:
+                    generator: torch.Generator | None = None) -> None:
         o: AphqVitOptions = self.options
         self._targets = None
         if not o.reconstruct_mlp:

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.adalog import AdaLog
 from ptq_bench.methods.adalog_search import SearchSettings
-from ptq_bench.methods.aphq_vit_search import AphqLinearSearch, PercentileConvSearch, UpperLowerMatMulSearch
+from ptq_bench.methods.aphq_vit_search import (
+    AphqLinearSearch,
+    PercentileConvSearch,
+    UpperLowerMatMulSearch,
+)
 from ptq_bench.models.placement import QuantizerSpec
 
 

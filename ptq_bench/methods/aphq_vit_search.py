@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from ptq_bench.methods.adalog_search import ConvSearch, LinearSearch, MatMulSearch, quantile_mean
+from ptq_bench.methods.adalog_search import (
+    ConvSearch,
+    LinearSearch,
+    MatMulSearch,
+    quantile_mean,
+)
 
 
 def _argmax(total: torch.Tensor, topk: int, dim: int) -> torch.Tensor:

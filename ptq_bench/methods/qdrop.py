@@ -22,8 +22,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,23 @@ from ptq_bench.methods.base import METHODS
 from ptq_bench.models import find_blocks
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.adaround import RoundingAnnealing, adaround_layers, attach_, bake_
+from ptq_bench.transforms.adaround import (
+    RoundingAnnealing,
+    adaround_layers,
+    attach_,
+    bake_,
+)
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
-from ptq_bench.transforms.qdrop import dropping_activations, mixed_inputs, skip_loader_seeds
-from ptq_bench.transforms.reconstruction import ReconStep, learnable_scales, reconstruct_block
+from ptq_bench.transforms.qdrop import (
+    dropping_activations,
+    mixed_inputs,
+    skip_loader_seeds,
+)
+from ptq_bench.transforms.reconstruction import (
+    ReconStep,
+    learnable_scales,
+    reconstruct_block,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +148,11 @@ class QDrop(AphqCalibration):
         super()._quantize(model, data)
 
     def prepare_fp_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
-                    generator: Optional[torch.Generator] = None) -> None:
+                    generator: torch.Generator | None = None) -> None:
         """A change to the FP model before calibration (APHQ-ViT's MLP reconstruction); none for QDrop."""
 
     def reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
-                    generator: Optional[torch.Generator] = None) -> None:
+                    generator: torch.Generator | None = None) -> None:
         """``BlockReconstructor.reconstruct_model`` (qdrop mode, activation steps learned): every unit in order,
         with one generator for batches and masks (seeded by the run's seed)."""
         o = self.options

@@ -34,25 +34,34 @@ def perturbation_hessian(
 ) -> torch.Tensor:
     """|g₊ - g₋| of ``module``'s output over the calibration data (batches of ``batch_size``, ``targets`` from
     :func:`prediction_targets`), averaged over the samples when ``mean``. ``fp_model`` needs no parameter gradients."""
-    grads = []
-    for sign in (1.0, -1.0):
-        leaves: list[torch.Tensor] = []
-
-        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-            leaf = output.detach().requires_grad_(True)
-            leaves.append(leaf)
-            return leaf + torch.ones_like(leaf) * EPSILON if sign > 0 else leaf - torch.ones_like(leaf) * EPSILON
-
-        handle = module.register_forward_hook(hook)
-        try:
-            for batch, target in zip(data.batches(batch_size), targets):
-                logits = data.forward(fp_model, batch) / temperature
-                F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean").backward()
-        finally:
-            handle.remove()
-        grads.append(torch.cat([leaf.grad for leaf in leaves]))  # type: ignore[misc]
-    hessian = (grads[0] - grads[1]).abs()
+    plus = _perturbed_gradients(fp_model, module, data, batch_size, temperature, targets, EPSILON)
+    minus = _perturbed_gradients(fp_model, module, data, batch_size, temperature, targets, -EPSILON)
+    hessian = (plus - minus).abs()
     return hessian.mean(dim=0, keepdim=True) if mean else hessian
+
+
+def _perturbed_gradients(
+    fp_model: nn.Module, module: nn.Module, data: CalibrationData, batch_size: int, temperature: float,
+    targets: list[torch.Tensor], shift: float,
+) -> torch.Tensor:
+    """The KL gradient w.r.t. ``module``'s output with ``shift`` added to every element of it (``x + 1·ε``, or
+    ``x - 1·ε`` for a negative shift, as the official forwards write it), concatenated over the batches."""
+    leaves: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        leaves.append(leaf)
+        ones = torch.ones_like(leaf)
+        return leaf + ones * shift if shift > 0 else leaf - ones * -shift
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for batch, target in zip(data.batches(batch_size), targets):
+            logits = data.forward(fp_model, batch) / temperature
+            F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean").backward()
+    finally:
+        handle.remove()
+    return torch.cat([leaf.grad for leaf in leaves])  # type: ignore[misc]
 
 
 def aph_loss(output: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

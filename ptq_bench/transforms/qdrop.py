@@ -10,8 +10,8 @@ the official code draws them from the global one (the block input first, then th
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
