@@ -26,6 +26,7 @@ from ptq_bench import __version__
 from ptq_bench.bits import layer_bits
 from ptq_bench.checks import boolean, integer, writable_directory
 from ptq_bench.compiled_eval import evaluating
+from ptq_bench.deploy import check_deploy
 from ptq_bench.distributed import is_main_process
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
@@ -171,6 +172,7 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
     model.pop("checkpoint", None)
     model.pop("display", None)
     compiled = {"eval_compile": True} if settings.eval_compile else {}  # off: the keys of earlier runs
+    deploy = {"deploy": cfg.deploy} if cfg.get("deploy") is not None else {}  # off: the keys of earlier runs
     return {
         "task": task.name,
         **task.identity(),
@@ -182,6 +184,7 @@ def identity(task: Any, cfg: DictConfig, method: Method, settings: RunSettings, 
         "seed": settings.seed,
         "code_version": __version__,
         **compiled,
+        **deploy,
     }
 
 
@@ -219,6 +222,7 @@ def build_record(
         "device": str(settings.device),
         "eval_compile": settings.eval_compile,
         "memory": measured["memory"],
+        **({"deploy": measured["deploy"]} if "deploy" in measured else {}),  # deploy=<backend>: the integer model
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "env": environment(REPO, str(settings.device)),
@@ -268,6 +272,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
         log.info("%s", protocol.skip)
         return {"run_key": "", "skipped": protocol.skip}
     task, method, settings = prepare(cfg, gpu_slot)
+    backend = check_deploy(cfg.get("deploy"), settings.device, task.compilable)
     label = run_label(cfg, method)
     store, unwritable = results_store(cfg.results_dir)
     check_logger(cfg.logger)  # kind and mode; an online mode's server reached
@@ -303,6 +308,10 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
         "timings": {"calibration_s": calibration.get("seconds", 0.0), "eval_s": eval_seconds, "total_s": time.perf_counter() - start},
         "memory": peak_memory(settings.device, rss_baseline),
     }
+    if backend is not None:
+        from ptq_bench.deploy.evaluate import deploy_section
+
+        measured["deploy"] = deploy_section(task, model, settings.device, label, backend)
     record = build_record(cfg, overrides, output_dir, key, task, method, settings, protocol.as_record(), measured)
     if not is_main_process():  # torchrun: every rank evaluated its share; rank 0 writes and logs the one record
         return record
