@@ -25,6 +25,7 @@ from torch import nn
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.quant.sulq import SulqQuantizer
 from ptq_bench.models import set_quantizers_enabled
 
 #: official attribute / quantizer names → ours (RepQ-ViT quant_modules.py / quantizer.py naming; AdaLog's
@@ -33,6 +34,8 @@ _NAME_MAP = {"quantizer_A": "quantizer_a", "quantizer_B": "quantizer_b", "delta"
              "w_quantizer": "weight_quantizer", "a_quantizer": "input_quantizer",
              "A_quantizer": "quantizer_a", "B_quantizer": "quantizer_b",
              "delta_2": "scale_2", "unique_top_indices": "outlier_columns", "unique_nottop_indices": "other_columns"}
+#: I&S-ViT's SULQ (its LogSqrt2Quantizer): official attribute (after :data:`_NAME_MAP`) → ours
+_SULQ_NAMES = {"scale": "shift", "maxv": "log_max", "minv": "log_min"}
 #: official quantizers that exist but never act, per method (left out of the comparison): the AdaLog code base's
 #: patch-embedding input quantizer at qconv_a_bit = 8 (quant_layers/conv.py ``quant_input`` returns the input for
 #: n_bits >= 8; APHQ-ViT and its QDrop are forks of it)
@@ -109,7 +112,11 @@ def qparam_diffs(model: nn.Module, arrays: dict[str, np.ndarray], ignore: Sequen
             continue
         ours = our_name(official)
         module_name, attr = ours.rsplit(".", 1)
-        value = getattr(model.get_submodule(module_name), attr)
+        module = model.get_submodule(module_name)
+        if isinstance(module, SulqQuantizer):
+            attr = _SULQ_NAMES.get(attr, attr)
+            ours = f"{module_name}.{attr}"
+        value = getattr(module, attr)
         ref = torch.from_numpy(arrays[key])
         diffs.append(ParamDiff(official, ours, *relative_diff(value.detach().reshape(ref.shape), ref)))
     return diffs

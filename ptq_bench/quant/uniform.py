@@ -81,6 +81,9 @@ class UniformQuantizer(Quantizer):
         self.qmin, self.qmax = grid_bounds(bits, o.symmetric)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
+        #: train through the literal expression's autograd (as official code that differentiates it does), not
+        #: ptq_bench/quant/ste.py's fused node: the same values, gradients equal to that code's bit for bit
+        self.literal_gradient = False
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.granularity == "tensor":
@@ -140,7 +143,7 @@ class UniformQuantizer(Quantizer):
         else:
             scale, zero_point = self.scale, self.zero_point
         if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-            if zero_point.requires_grad:
+            if zero_point.requires_grad or self.literal_gradient:
                 q = torch.clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax)
                 return (q - zero_point) * scale
             # the same values as the literal expression above, one autograd node (ptq_bench/quant/ste.py); a

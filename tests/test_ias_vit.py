@@ -1,0 +1,112 @@
+"""I&S-ViT: its quantizer table, reconstruction units and loss, refusals, and pins of the whole three-stage pipeline
+against the official code on the tiny ViT (tests/fixtures/ias_vit_tiny_*.npz, made by shared/oracles/ias_oracle.py
+--tiny from zysxmu/IaS-ViT @ 9300cea, with the global generator reseeded before every unit)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ptq_bench.calibration import image_calibration
+from ptq_bench.compare import qparam_diffs
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.quant.sulq import SulqQuantizer
+from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.transforms.sos import lp_loss, reconstruction_units, trainable_parameters
+from test_repq_vit import synthetic_batch, tiny_vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _run(name: str) -> tuple[dict[str, np.ndarray], dict, torch.nn.Module, torch.Tensor]:
+    """The fixture, its meta, and our model quantized as the oracle run was (same images, iterations, batch, seed)."""
+    with np.load(FIXTURES / name) as z:
+        fixture = {k: z[k] for k in z.files}
+    meta = json.loads(str(fixture["meta"]))
+    model = tiny_vit()
+    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
+    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    method = build_method("ias_vit", BitWidth(meta["w_bits"], meta["a_bits"]), seed=meta["reseed"], iters=meta["iters"],
+                          batch_size=meta["batch_size"])
+    method.quantize(model, image_calibration(calib))
+    with torch.no_grad():
+        logits = model(evalx)
+    return fixture, meta, model, logits
+
+
+def test_quantizer_table() -> None:
+    table = build_method("ias_vit", BitWidth(4, 4)).quantizer_table()
+    assert table["post_softmax"].name == "sulq" and table["patch_embed"] is None
+    assert table["weight"].options == {"granularity": "channel", "channel_dim": 0, "observer": "ias_weight"}
+    assert table["post_layernorm"].options["granularity"] == "channel"
+
+
+def test_units_are_the_official_ones_in_forward_order() -> None:
+    model = tiny_vit()
+    assert [name for name, _ in reconstruction_units(model)] == ["patch_embed.proj", "blocks.0", "blocks.1", "head"]
+    block = model.blocks[0]
+    trained = {id(p) for p in trainable_parameters(block)}
+    assert not any(id(p) in trained for p in (*block.norm1.parameters(), *block.norm2.parameters()))
+    assert len(trained) == 8  # qkv, proj, fc1, fc2: weight and bias
+
+
+def test_lp_loss_sums_over_dim_1() -> None:
+    assert lp_loss(torch.ones(2, 3, 4), torch.zeros(2, 3, 4)).item() == 3.0
+
+
+def test_literal_gradient_is_the_official_expression() -> None:
+    """∂/∂x of (clamp(round_ste(x/s) + z) − z)·s through autograd: (g·s)·m/s, not g·m (they differ in rounding)."""
+    q = UniformQuantizer(4)
+    q.set_params(torch.tensor(0.37), torch.tensor(3.0))
+    x = torch.linspace(-2, 5, 101, requires_grad=True)
+    g = torch.randn(101, generator=torch.Generator().manual_seed(0))
+    q.literal_gradient = True
+    q(x).backward(g)
+    x2 = x.detach().clone().requires_grad_(True)
+    r = x2 / q.scale
+    t = (r.round() - r).detach() + r + q.zero_point  # the official round_ste
+    ((torch.clamp(t, 0, 15) - q.zero_point) * q.scale).backward(g)
+    assert torch.equal(x.grad, x2.grad)
+    q.literal_gradient = False
+    x3 = x.detach().clone().requires_grad_(True)
+    q(x3).backward(g)
+    assert not torch.equal(x3.grad, x2.grad)  # ptq_bench/quant/ste.py's fused node: g·m, and inclusive bounds
+
+
+def test_refusals() -> None:
+    with pytest.raises(ConfigError, match="lr"):
+        build_method("ias_vit", BitWidth(4, 4), lr=0.0)
+    with pytest.raises(ConfigError, match="batch_size 64"):
+        build_method("ias_vit", BitWidth(4, 4)).quantize(tiny_vit(), image_calibration(synthetic_batch(0, 8, (3, 32, 32))))
+
+
+def test_pipeline_matches_official_code_w4a4() -> None:
+    """8 images in batches of 4, 4 steps per unit and stage: all 56 quantizer tensors (the SULQ shift and log2 range
+    included), the 32 final weights, biases and LayerNorm affines (sha256 of their bytes) and the quantized logits
+    equal the official run's bit for bit."""
+    fixture, meta, model, logits = _run("ias_vit_tiny_w4a4_it4.npz")
+    diffs = qparam_diffs(model, fixture)
+    assert len(diffs) == meta["n_qparams"] == 56 and max(d.max_abs for d in diffs) == 0.0
+    assert any(d.ours.endswith("matmul2.quantizer_a.shift") for d in diffs)
+    digests = json.loads(str(fixture["q_weight_sha256"]))
+    state = model.state_dict()
+    assert len(digests) == 32
+    for name, digest in digests.items():
+        assert hashlib.sha256(state[name].contiguous().numpy().tobytes()).hexdigest() == digest, name
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
+    assert isinstance(model.blocks[0].attn.matmul2.quantizer_a, SulqQuantizer)
+    assert model.blocks[0].attn.qkv.input_quantizer.granularity == "tensor"  # folded by the reparameterization
+
+
+def test_pipeline_matches_official_code_w3a3() -> None:
+    """W3A3, 8 steps per unit and stage: quantizer tensors and quantized logits bit for bit."""
+    fixture, meta, model, logits = _run("ias_vit_tiny_w3a3_it8.npz")
+    diffs = qparam_diffs(model, fixture)
+    assert len(diffs) == meta["n_qparams"] == 56 and max(d.max_abs for d in diffs) == 0.0
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
