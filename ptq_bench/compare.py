@@ -25,8 +25,8 @@ from torch import nn
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.methods import BitWidth, build_method
-from ptq_bench.quant.sulq import SulqQuantizer
 from ptq_bench.models import set_quantizers_enabled
+from ptq_bench.quant.sulq import SulqQuantizer
 
 #: official attribute / quantizer names → ours (RepQ-ViT quant_modules.py / quantizer.py naming; AdaLog's
 #: quant_layers/*.py ``w_quantizer``/``a_quantizer``/``A_quantizer``/``B_quantizer``; ERQ's two-part weight quantizer)

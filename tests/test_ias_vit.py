@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_repq_vit import synthetic_batch, tiny_vit
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.compare import qparam_diffs
@@ -19,7 +20,6 @@ from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.quant.sulq import SulqQuantizer
 from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.sos import lp_loss, reconstruction_units, trainable_parameters
-from test_repq_vit import synthetic_batch, tiny_vit
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -45,7 +45,12 @@ from ptq_bench.transforms import mean_target, reparameterize_layernorm_
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.reparam import folded_pairs
-from ptq_bench.transforms.sos import acting_quantizers, quantized_layers, reconstruction_units, train_unit
+from ptq_bench.transforms.sos import (
+    acting_quantizers,
+    quantized_layers,
+    reconstruction_units,
+    train_unit,
+)
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ METHOD_ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "erq": ("ERQ (TPAMI)", ("ERQ (TPAMI 2025)",)),  # the official README's table (the code is the TPAMI extension)
     "aphq_vit": ("APHQ-ViT", ("APHQ-ViT", "GLF-Q (2026 preprint)")),
     "qdrop": ("QDrop (reproduced by APHQ authors)", ("APHQ-ViT",)),  # the APHQ-ViT code base's QDrop, as implemented
+    "ias_vit": ("I&S-ViT", ("I&S-ViT", "APHQ-ViT", "GLF-Q (2026 preprint)")),
 }
 
 

@@ -15,8 +15,8 @@ quant/block_recon.py ``block_reconstruction``, quant/layer_recon.py ``layer_reco
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
