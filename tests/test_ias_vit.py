@@ -19,7 +19,13 @@ from ptq_bench.errors import ConfigError
 from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.quant.sulq import SulqQuantizer
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.sos import lp_loss, reconstruction_units, trainable_parameters
+from ptq_bench.transforms.block_capture import BlockInputs
+from ptq_bench.transforms.sos import (
+    lp_loss,
+    reconstruction_units,
+    trainable_parameters,
+    unit_loss,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -58,6 +64,17 @@ def test_units_are_the_official_ones_in_forward_order() -> None:
 
 def test_lp_loss_sums_over_dim_1() -> None:
     assert lp_loss(torch.ones(2, 3, 4), torch.zeros(2, 3, 4)).item() == 3.0
+
+
+def test_unit_loss_weighs_groups_of_detector_samples() -> None:
+    """Samples of different sizes (a detector's): each group's lp_loss weighted by its samples."""
+    linear = torch.nn.Linear(2, 2)
+    xs = [torch.randn(1, 3, 2), torch.randn(1, 5, 2), torch.randn(1, 3, 2)]
+    inputs = BlockInputs(xs, [()] * 3)
+    targets = BlockInputs([torch.zeros(1, 3, 2), torch.zeros(1, 5, 2), torch.zeros(1, 3, 2)], [()] * 3)
+    with torch.no_grad():
+        expected = (lp_loss(linear(torch.cat([xs[0], xs[2]])), torch.zeros(2, 3, 2)) * 2 + lp_loss(linear(xs[1]), torch.zeros(1, 5, 2))) / 3
+        assert torch.allclose(unit_loss(linear, inputs, targets), expected)
 
 
 def test_literal_gradient_is_the_official_expression() -> None:

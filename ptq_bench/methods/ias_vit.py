@@ -136,8 +136,6 @@ class IaSViT(Method):
                 fp_in = capture_block_inputs(fp_model, fp_units[name], data, o.batch_size)
                 targets = block_outputs(fp_units[name], fp_in, o.batch_size)
                 inputs = fp_in if stage == "stage 1" else capture_block_inputs(model, unit, data, o.batch_size)
-                if not isinstance(inputs, torch.Tensor):
-                    raise ConfigError(f"ias_vit: unit {name} takes extra arguments or samples of different shapes")
                 losses = train_unit(unit, inputs, targets, o.iters, o.batch_size, o.lr,
                                     torch.Generator().manual_seed(self.seed), f"{stage} {name}", self.progress)
                 log.info("%s %s %s: loss %.4g -> %.4g", self.name, stage, name, losses[0], losses[-1])

@@ -15,6 +15,7 @@ quant/block_recon.py ``block_reconstruction``, quant/layer_recon.py ``layer_reco
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,7 @@ from ptq_bench.models import find_blocks
 from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
 from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.transforms.block_capture import Samples
 from ptq_bench.transforms.reconstruction import ReconStep, reconstruct_block
 
 
@@ -34,10 +36,11 @@ def lp_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_unit(name: str, module: nn.Module) -> bool:
-    """The layers outside the blocks that test_quant.py reconstructs (``ignore_reconstruction = False``)."""
+    """The layers outside the blocks that test_quant.py reconstructs (``ignore_reconstruction = False``) in timm's
+    classifiers; a detector's (mmdet) are left out: their inputs differ in size from batch to batch."""
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         return False
-    return name in ("patch_embed.proj", "head") or name.endswith("downsample.reduction")
+    return name in ("patch_embed.proj", "head") or re.fullmatch(r"layers\.\d+\.downsample\.reduction", name) is not None
 
 
 def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -51,6 +54,19 @@ def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if name in blocks or _layer_unit(name, module):
             units.append((name, module))
     return units
+
+
+def unit_loss(unit: nn.Module, inputs: Samples, targets: Samples) -> torch.Tensor:
+    """:func:`lp_loss` of ``unit`` on a batch; for :class:`~ptq_bench.transforms.block_capture.BlockInputs` (a
+    detector's images of different sizes) the loss of each group of equal shape, weighted by its samples (the official
+    code has no detector)."""
+    if isinstance(inputs, torch.Tensor):
+        return lp_loss(unit(inputs), targets)  # type: ignore[arg-type]
+    total = torch.zeros(())
+    for positions, x, extra in inputs.groups():
+        target = torch.cat([targets.tensors[p] for p in positions])  # type: ignore[union-attr]
+        total = total.to(x.device) + lp_loss(unit(x, *extra), target) * len(positions)
+    return total / len(inputs)
 
 
 def acting_quantizers(unit: nn.Module) -> list[Quantizer]:
@@ -77,7 +93,7 @@ def literal_gradients(unit: nn.Module) -> Iterator[None]:
             q.literal_gradient = False
 
 
-def train_unit(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, iters: int, batch_size: int, lr: float,
+def train_unit(unit: nn.Module, inputs: Samples, targets: Samples, iters: int, batch_size: int, lr: float,
                generator: torch.Generator, desc: str = "", progress: bool = False) -> list[float]:
     """``iters`` Adam steps on :func:`trainable_parameters` of ``unit`` (which must be the only parameters of its
     model that require grad); returns the loss of each step."""
@@ -91,7 +107,7 @@ def train_unit(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ite
                          always_shuffle=True)
         with literal_gradients(unit):
             return reconstruct_block(unit, inputs, targets, [step], iters, batch_size, generator,
-                                     lambda idx: lp_loss(unit(inputs[idx]), targets[idx]), desc=desc, progress=progress)
+                                     lambda idx: unit_loss(unit, inputs[idx], targets[idx]), desc=desc, progress=progress)
     finally:
         for p in params:
             p.requires_grad_(False)
