@@ -25,6 +25,7 @@ TINY = {
     "dopq_vit": {"iters": 2, "batch_size": 4, "init_calib_size": 4},
     "aiqvit": {"search_iters": 2, "iters": 2, "batch_size": 4, "candidate_ranks": [2, 4], "init_size": 4},
     "erq": {"refine_steps": 5},
+    "ias_vit": {"iters": 2, "batch_size": 4, "init_size": 4},
 }
 
 
@@ -140,7 +141,7 @@ def test_unknown_architecture_is_refused_in_one_line(name: str) -> None:
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["repq_vit", "dopq_vit", "aiqvit", "erq"])
+@pytest.mark.parametrize("name", ["repq_vit", "dopq_vit", "aiqvit", "erq", "ias_vit"])
 def test_post_norm_blocks_are_refused_by_layernorm_reparameterization(name: str) -> None:
     model = post_norm_vit()
     with pytest.raises(ConfigError, match="PostNormBlock.*not a known pre-norm block"):

@@ -24,7 +24,6 @@ from the global generator, whatever state it is in). A unit with no acting quant
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -103,8 +102,7 @@ class IaSViT(Method):
             quantizer.enabled = False
         with torch.no_grad(), calibrating(model):
             data.run(model, limit=o.init_size)
-        train_data = dataclasses.replace(data, samples=data.samples[:usable])
-        self._reconstruct(model, fp_model, train_data, "stage 1")
+        self._reconstruct(model, fp_model, data, usable, "stage 1")
         with torch.no_grad(), keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization") as check:
             edited = reparameterize_layernorm_(model, mean_target)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
@@ -115,11 +113,12 @@ class IaSViT(Method):
                     layer.weight_quantizer.calibrate(layer.weight.detach())
                     layer.weight_quantizer.calibrated = True
                     layer.weight_quantizer.params_changed()
-        self._reconstruct(model, fp_model, train_data, "stage 3")
+        self._reconstruct(model, fp_model, data, usable, "stage 3")
         return model
 
-    def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData, stage: str) -> None:
-        """Every unit in order: stage 1 from the FP model's unit inputs, stage 3 from the quantized model's."""
+    def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData, usable: int, stage: str) -> None:
+        """Every unit in order, on its first ``usable`` samples: stage 1 from the FP model's unit inputs, stage 3 from
+        the quantized model's."""
         o = self.options
         if o.iters == 0:
             return
@@ -133,9 +132,9 @@ class IaSViT(Method):
             for name, unit in tqdm(units, desc=f"{self.name} {stage}", disable=not self.progress):
                 if not acting_quantizers(unit):
                     continue
-                fp_in = capture_block_inputs(fp_model, fp_units[name], data, o.batch_size)
+                fp_in = capture_block_inputs(fp_model, fp_units[name], data, o.batch_size)[:usable]
                 targets = block_outputs(fp_units[name], fp_in, o.batch_size)
-                inputs = fp_in if stage == "stage 1" else capture_block_inputs(model, unit, data, o.batch_size)
+                inputs = fp_in if stage == "stage 1" else capture_block_inputs(model, unit, data, o.batch_size)[:usable]
                 losses = train_unit(unit, inputs, targets, o.iters, o.batch_size, o.lr,
                                     torch.Generator().manual_seed(self.seed), f"{stage} {name}", self.progress)
                 log.info("%s %s %s: loss %.4g -> %.4g", self.name, stage, name, losses[0], losses[-1])

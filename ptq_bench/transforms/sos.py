@@ -35,12 +35,13 @@ def lp_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output - target).abs().pow(2).sum(1).mean()
 
 
+#: the layers outside the blocks that test_quant.py reconstructs (``ignore_reconstruction = False``), as timm names
+#: them (also inside a wrapper); a detector's (mmdet) are left out: their inputs differ in size from batch to batch
+LAYER_UNITS = re.compile(r"(.*\.)?(patch_embed\.proj|head|layers\.\d+\.downsample\.reduction)")
+
+
 def _layer_unit(name: str, module: nn.Module) -> bool:
-    """The layers outside the blocks that test_quant.py reconstructs (``ignore_reconstruction = False``) in timm's
-    classifiers; a detector's (mmdet) are left out: their inputs differ in size from batch to batch."""
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        return False
-    return name in ("patch_embed.proj", "head") or re.fullmatch(r"layers\.\d+\.downsample\.reduction", name) is not None
+    return isinstance(module, (nn.Linear, nn.Conv2d)) and LAYER_UNITS.fullmatch(name) is not None
 
 
 def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
