@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_repq_vit import synthetic_batch, tiny_vit
+from timm.models.swin_transformer import SwinTransformer
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.compare import qparam_diffs
@@ -60,6 +61,22 @@ def test_units_are_the_official_ones_in_forward_order() -> None:
     trained = {id(p) for p in trainable_parameters(block)}
     assert not any(id(p) in trained for p in (*block.norm1.parameters(), *block.norm2.parameters()))
     assert len(trained) == 8  # qkv, proj, fc1, fc2: weight and bias
+
+
+def test_swin_reductions_are_units_quantized_per_tensor_and_not_folded() -> None:
+    """quant_model.py puts per-channel input quantizers on qkv and fc1 only, and stage 2 folds norm1/norm2 only."""
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                            num_classes=10).eval()
+    assert [name for name, _ in reconstruction_units(model)] == [
+        "patch_embed.proj", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample.reduction", "layers.1.blocks.0",
+        "layers.1.blocks.1", "head.fc"]
+    method = build_method("ias_vit", BitWidth(4, 4), iters=1, batch_size=4, init_size=4)
+    method.quantize(model, image_calibration(synthetic_batch(0, 4, (3, 32, 32))))
+    reduction = model.layers[1].downsample.reduction.input_quantizer
+    assert reduction.granularity == "tensor" and reduction.observer_name == "percentile"
+    folded = method.transforms[0]["folded"]
+    assert len(folded) == 8 and not any("downsample" in pair for pair in folded)
 
 
 def test_lp_loss_sums_over_dim_1() -> None:

@@ -16,14 +16,15 @@ for bit; like the official code, z̃ is *not* rounded (the mean of integer zero 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ptq_bench.architectures import NormLinearPair
 from ptq_bench.models.prepare import layernorm_linear_pairs
-from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.quant.base import Quantizer
+from ptq_bench.quant.layers import QuantLinear
 
 TargetFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -78,7 +79,8 @@ def folded_pairs(model: nn.Module, edited: list[QuantLinear]) -> list[str]:
 
 
 @torch.no_grad()
-def reparameterize_layernorm_(model: nn.Module, target_fn: TargetFn = mean_target, skip_post_norm: bool = False) -> list[QuantLinear]:
+def reparameterize_layernorm_(model: nn.Module, target_fn: TargetFn = mean_target, skip_post_norm: bool = False,
+                              pairs: Sequence[NormLinearPair] | None = None) -> list[QuantLinear]:
     """Fold every per-channel post-LayerNorm quantizer into a per-tensor one, in place.
 
     For each LayerNorm → Linear pair (:func:`layernorm_linear_pairs`), the Linear's calibrated per-channel input
@@ -86,9 +88,10 @@ def reparameterize_layernorm_(model: nn.Module, target_fn: TargetFn = mean_targe
     bias absorb the change, and the Linear's weight quantizer is reset (its weight changed). Returns the edited
     Linears, whose weight quantizers the caller must calibrate again. ``skip_post_norm`` leaves blocks that are not
     known pre-norm alone (their inputs were quantized per tensor: the architecture gives them the generic role).
+    ``pairs``: fold only these (a subset of :func:`layernorm_linear_pairs`; I&S-ViT leaves Swin's reductions alone).
     """
     edited: list[QuantLinear] = []
-    for pair in layernorm_linear_pairs(model, skip_post_norm):
+    for pair in layernorm_linear_pairs(model, skip_post_norm) if pairs is None else pairs:
         if len(pair.linears) != 1:
             raise ValueError(f"{pair.norm_name} feeds {len(pair.linears)} Linears; only one is supported")
         linear = pair.linears[0]

@@ -36,8 +36,9 @@ def lp_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 #: the layers outside the blocks that test_quant.py reconstructs (``ignore_reconstruction = False``), as timm names
-#: them (also inside a wrapper); a detector's (mmdet) are left out: their inputs differ in size from batch to batch
-LAYER_UNITS = re.compile(r"(.*\.)?(patch_embed\.proj|head|layers\.\d+\.downsample\.reduction)")
+#: them (also inside a wrapper; timm 1.x Swin's head is ``head.fc``); a detector's (mmdet) are left out: their inputs
+#: differ in size from batch to batch
+LAYER_UNITS = re.compile(r"(.*\.)?(patch_embed\.proj|head|head\.fc|layers\.\d+\.downsample\.reduction)")
 
 
 def _layer_unit(name: str, module: nn.Module) -> bool:
