@@ -98,9 +98,8 @@ class IaSViT(Method):
         fp_model = fp_copy(model)  # the FP function with the explicit attention, as the official teacher computes it
         for _, quantizer in named_quantizers(fp_model):
             quantizer.enabled = False
-        layers = quantized_layers(model)
-        weight_quantizers = [m.weight_quantizer for m in layers if m.weight_quantizer is not None]
-        for quantizer in weight_quantizers:
+        weighted = [(m.weight, m.weight_quantizer) for m in quantized_layers(model) if m.weight_quantizer is not None]
+        for _, quantizer in weighted:
             quantizer.enabled = False
         with torch.no_grad(), calibrating(model):
             data.run(model, limit=o.init_size)
@@ -109,13 +108,12 @@ class IaSViT(Method):
             pairs = [p for p in layernorm_linear_pairs(model) if not any(id(linear) in reductions for linear in p.linears)]
             edited = reparameterize_layernorm_(model, mean_target, pairs=pairs)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
-        with torch.no_grad():
-            for layer in layers:
-                if layer.weight_quantizer is not None:
-                    layer.weight_quantizer.enabled = True
-                    layer.weight_quantizer.calibrate(layer.weight.detach())
-                    layer.weight_quantizer.calibrated = True
-                    layer.weight_quantizer.params_changed()
+        with torch.no_grad():  # the official second calibration forward: only the weight quantizers are new
+            for weight, quantizer in weighted:
+                quantizer.enabled = True
+                quantizer.calibrate(weight.detach())
+                quantizer.calibrated = True
+                quantizer.params_changed()
         self._reconstruct(model, fp_model, data, usable, "stage 3")
         return model
 
