@@ -48,6 +48,8 @@ def report(argv: list[str] | None) -> int:
     parser.add_argument("--paper", metavar="TABLE", help="lay out one paper table (conf/paper/TABLE.yaml) in its layout, "
                         "published-only rows and not-yet-run cells included")
     parser.add_argument("--sources", action="store_true", help="with --paper: also print where each published value comes from")
+    parser.add_argument("--deploy", action="store_true", help="cells also show their record's integer execution "
+                        "(deploy=x86_int8: int8/FP latency ratio, int8/FP MB, top-1 agreement; docs/deploy.md)")
     parser.add_argument("--papers", action="store_true", help="list the paper tables with their cell counts, and stop")
     parser.add_argument("--quantized", metavar="RUN_KEY", help="print what the run RUN_KEY quantized, and stop")
     parser.add_argument("--published", type=Path, default=DEFAULT_CSV, metavar="CSV",
@@ -75,14 +77,14 @@ def report(argv: list[str] | None) -> int:
         if (not args.model or r["model"]["name"] in args.model) and (not args.method or r["method"]["name"] in args.method)
     ]
     if spec is not None:
-        return paper_report(spec, records, args.out, args.name, args.sources, published)
+        return paper_report(spec, records, args.out, args.name, args.sources, published, args.deploy)
     if not records:
         parser.exit(1, f"error: no run records in {args.runs}\n")
     frame = records_frame(records, published, metric=args.metric)
     if frame.empty:
         parser.exit(1, f"error: no record in {args.runs} has metric '{args.metric or 'primary'}'\n")
-    paths = write_report(frame, args.out, args.name or "table")
-    print(markdown(paper_table(frame)))
+    paths = write_report(frame, args.out, args.name or "table", args.deploy)
+    print(markdown(paper_table(frame, args.deploy)))
     print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -95,11 +97,11 @@ def paper_spec(name: str) -> Any:
 
 
 def paper_report(spec: Any, records: list[dict], out: Path, stem: str | None, show_sources: bool,
-                 published: pd.DataFrame | None = None) -> int:
+                 published: pd.DataFrame | None = None, deploy: bool = False) -> int:
     """Print and write the paper table ``spec`` from ``records`` (none needed: published values and gaps show)."""
     from ptq_bench.results import paper
 
-    cells, paths = paper.regenerate(spec, records, out, stem, published)
+    cells, paths = paper.regenerate(spec, records, out, stem, published, deploy)
     print(paper.to_markdown(spec, paper.wide(spec, cells)))
     if show_sources:
         table = paper.sources(cells)

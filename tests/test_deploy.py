@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from test_compiled_eval import mnist_cfg
 
-from ptq_bench import harness
+from ptq_bench import harness, report
 from ptq_bench.calibration import image_calibration
 from ptq_bench.deploy import check_deploy
 from ptq_bench.deploy.int8_layers import Int8Conv2d, Int8Linear
@@ -16,9 +17,10 @@ from ptq_bench.deploy.sites import plan
 from ptq_bench.deploy.x86 import integer_model
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.results.formatting import deploy_text
+from ptq_bench.results.report import with_deploy
 from ptq_bench.results.store import run_key
 from tasks import TASKS
-from test_compiled_eval import mnist_cfg
 
 
 def quantized_deit_tiny(method: str, bits: BitWidth) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -47,7 +49,7 @@ def test_deploy_is_refused_in_one_line_and_enters_the_run_key_only_when_set(tmp_
 
 
 @pytest.mark.slow
-def test_mnist_integer_model_runs_int8_kernels_and_agrees(tmp_path) -> None:
+def test_mnist_integer_model_runs_int8_kernels_and_agrees(tmp_path, capsys) -> None:
     """The default run (MNIST-ViT, MinMax W4A4: 4-bit values stored as int8), 200 test images, compiled with the
     oneDNN kernels. Measured: 100 % top-1 agreement, logit cosine 0.99999."""
     record = harness.run(mnist_cfg(tmp_path / "runs", "deploy=x86_int8", "device=cpu", "data.workers=0"), [], tmp_path / "out")
@@ -61,6 +63,16 @@ def test_mnist_integer_model_runs_int8_kernels_and_agrees(tmp_path) -> None:
     assert abs(deploy["metrics"]["top1"] - record["metrics"]["top1"]) <= 1.0
     assert deploy["fake_quant_metrics"]["top1"] == record["metrics"]["top1"]
     assert deploy["bytes"]["int8"] < 0.4 * deploy["bytes"]["fp"] and deploy["latency"]["int8"]["median_ms"] > 0
+    assert report.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "tables"), "--deploy"]) == 0
+    assert deploy_text(deploy) in capsys.readouterr().out
+
+
+def test_deploy_cell_text() -> None:
+    section = {"backend": "x86_int8", "latency": {"ratio": 0.4961}, "bytes": {"int8": 6_300_000, "fp": 22_900_000},
+               "agreement": {"top1_agreement": 99.5}}
+    assert deploy_text(section) == "x86_int8 0.50x FP, 6.3/22.9 MB, 99.5% agr."
+    assert deploy_text(None) == "" and with_deploy("72.10", "") == "72.10"
+    assert with_deploy("72.10", deploy_text(section)) == "72.10 [x86_int8 0.50x FP, 6.3/22.9 MB, 99.5% agr.]"
 
 
 def test_w8_asymmetric_weights_run_int8_with_an_offset_and_agree() -> None:

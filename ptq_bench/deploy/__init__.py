@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -12,7 +12,7 @@ from ptq_bench.errors import ConfigError
 BACKENDS = ("x86_int8",)
 
 
-def check_deploy(value: Any, device: torch.device, compilable: bool) -> Optional[str]:
+def check_deploy(value: Any, device: torch.device, compilable: bool) -> str | None:
     """The backend named by ``deploy`` (None: off), refused in one line before any work when unknown, when the
     task does not call its model as ``model(batch)`` or when this machine cannot run it."""
     if value is None:

@@ -11,10 +11,8 @@ keeps only the uint8 range [0, 255]. A weight stored with a per-channel offset o
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,7 +24,7 @@ _ops = torch.ops.quantized_decomposed
 class _Int8Layer(nn.Module):
     """Shared state: the input grid, the int8 weight with its scales, the bias and the offset correction."""
 
-    def __init__(self, grid: InputGrid, weight: WeightInt8, bias: Optional[torch.Tensor]) -> None:
+    def __init__(self, grid: InputGrid, weight: WeightInt8, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.scale, self.zero_point, self.qmax = grid.scale, grid.zero_point, grid.qmax
         low, high = -grid.zero_point * grid.scale, (grid.qmax - grid.zero_point) * grid.scale

@@ -13,7 +13,6 @@ Every other site stays float with its fake quantizers, so its values are the met
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -53,14 +52,14 @@ class Site:
     op: str
     runs: str
     reason: str = ""
-    input_grid: Optional[InputGrid] = None
-    weight: Optional[WeightInt8] = None
+    input_grid: InputGrid | None = None
+    weight: WeightInt8 | None = None
 
     def record(self) -> dict[str, str]:
         return {"layer": self.layer, "op": self.op, "runs": self.runs, **({"reason": self.reason} if self.reason else {})}
 
 
-def _grid_refusal(quantizer: Optional[Quantizer], what: str) -> tuple[Optional[QuantGrid], str]:
+def _grid_refusal(quantizer: Quantizer | None, what: str) -> tuple[QuantGrid | None, str]:
     """The quantizer's grid, or why no int8 kernel can run it."""
     if quantizer is None or not quantizer.enabled:
         return None, f"{what} not quantized"
@@ -77,7 +76,7 @@ def _grid_refusal(quantizer: Optional[Quantizer], what: str) -> tuple[Optional[Q
     return grid, ""
 
 
-def input_grid(quantizer: Optional[Quantizer]) -> tuple[Optional[InputGrid], str]:
+def input_grid(quantizer: Quantizer | None) -> tuple[InputGrid | None, str]:
     """The uint8 form of an input quantizer's grid, or why there is none."""
     grid, reason = _grid_refusal(quantizer, "input")
     if grid is None:
@@ -91,7 +90,7 @@ def input_grid(quantizer: Optional[Quantizer]) -> tuple[Optional[InputGrid], str
     return InputGrid(float(grid.scale.reshape(-1)[0].item()), zero_point, span), ""
 
 
-def weight_int8(layer: nn.Module) -> tuple[Optional[WeightInt8], str]:
+def weight_int8(layer: nn.Module) -> tuple[WeightInt8 | None, str]:
     """The layer's fake-quantized weight as int8 values, per-channel scales and offsets, or why not."""
     grid, reason = _grid_refusal(layer.weight_quantizer, "weight")
     if grid is None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -62,5 +62,7 @@ def freezing() -> Iterator[None]:
 
 
 def compiled(model: nn.Module) -> nn.Module:
-    """``model`` compiled by inductor (one graph per input shape); compile inside :func:`freezing`."""
+    """``model`` compiled by inductor (one graph per input shape) with the int8 lowering passes registered;
+    compile (the first call per shape) inside :func:`freezing`."""
+    importlib.import_module(TORCHAO_PASSES)
     return torch.compile(model, fullgraph=True, dynamic=False)

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ptq_bench.errors import ConfigError
 from ptq_bench.paths import conf_path
 from ptq_bench.results.formatting import format_value, text
-from ptq_bench.results.report import aggregate, records_frame
+from ptq_bench.results.report import aggregate, records_frame, with_deploy
 from ptq_bench.results.published import METHOD_ALIASES, Published, candidates, choose, load_published
 
 SPEC_DIR = conf_path("paper")
@@ -249,7 +249,8 @@ def _row_cells(spec: TableSpec, cells: pd.DataFrame, published: pd.DataFrame, bl
             digits = 4 if metric.key == "logit_cosine" else 2
             if len(hit):
                 got = hit.iloc[0]
-                entry.update(reproduced=float(got["value"]), std=got["std"], n=int(got["n"]), run_keys=got["run_keys"])
+                entry.update(reproduced=float(got["value"]), std=got["std"], n=int(got["n"]), run_keys=got["run_keys"],
+                             deploy=got.get("deploy") or "")
                 text = format_value(entry["reproduced"], got["std"], entry["n"], digits)
                 if pub:
                     entry["delta"] = entry["reproduced"] - pub.value
@@ -411,10 +412,13 @@ def plot_spec(spec: TableSpec, cells: pd.DataFrame, path: Path) -> Path | None:
 
 
 def regenerate(spec: TableSpec, records: Iterable[Mapping[str, Any]], out_dir: Path, name: str | None = None,
-               published: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """Lay ``spec`` out from ``records`` and write it; returns the long cell frame and the written paths."""
+               published: pd.DataFrame | None = None, deploy: bool = False) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Lay ``spec`` out from ``records`` and write it; returns the long cell frame and the written paths.
+    ``deploy``: reproduced cells carry their records' integer-execution figures (``--deploy``)."""
     published = load_published() if published is None else published
     frame = records_frame(records, published)
     frame = frame[frame["task"] == spec.task] if not frame.empty else frame
     cells = layout(spec, aggregate(frame), published)
+    if deploy and len(cells):
+        cells["text"] = [with_deploy(t, d) for t, d in zip(cells["text"], cells.get("deploy", [""] * len(cells)))]
     return cells, write(spec, cells, out_dir, name)

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from ptq_bench.bits import bits_label
-from ptq_bench.results.formatting import format_value, text
+from ptq_bench.results.formatting import deploy_text, format_value, text
 from ptq_bench.results.published import load_published, published_value
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def records_frame(
             "source": source,
             "calibration_s": record["timings"].get("calibration_s"),
             "eval_s": record["timings"].get("eval_s"),
+            "deploy": deploy_text(record.get("deploy")),
             "run_key": record["run_key"],
             "created": record.get("created", ""),
         })
@@ -176,7 +177,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     differ in weights or data settings are never averaged: each keeps its own row, its ``protocol`` naming what
     differs (``weights=1a2b3c4d``)."""
     if frame.empty:
-        return pd.DataFrame(columns=[*CELL, "value", "std", "n", "published", "source", "run_keys", "created", "delta"])
+        return pd.DataFrame(columns=[*CELL, "value", "std", "n", "published", "source", "run_keys", "created", "delta", "deploy"])
     frame = frame.copy()
     for _, group in frame.groupby(CELL, dropna=False, sort=False):
         variants = list(dict.fromkeys(group["variant"]))
@@ -192,27 +193,34 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = frame.groupby(CELL, dropna=False, sort=False)
     out = grouped.agg(value=("value", "mean"), std=("value", "std"), n=("value", "size"),
                       published=("published", "first"), source=("source", "first"),
-                      run_keys=("run_key", lambda keys: " ".join(keys)), created=("created", "max")).reset_index()
+                      run_keys=("run_key", lambda keys: " ".join(keys)), created=("created", "max"),
+                      deploy=("deploy", "last")).reset_index()
     out["delta"] = out["value"] - out["published"]
     out.attrs.update(frame.attrs)
     return sort_frame(out).reset_index(drop=True)
 
 
-def _cell(row: pd.Series, digits: int = 2) -> str:
+def _cell(row: pd.Series, digits: int = 2, deploy: bool = False) -> str:
     text = format_value(row["value"], row.get("std"), int(row.get("n", 1)), digits)
-    if pd.isna(row["published"]):
-        return text
-    return f"{text} ({row['published']:.2f}, {row['delta']:+.2f})"
+    if not pd.isna(row["published"]):
+        text += f" ({row['published']:.2f}, {row['delta']:+.2f})"
+    return with_deploy(text, row.get("deploy")) if deploy else text
 
 
-def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
+def with_deploy(text: str, deploy: Any) -> str:
+    """A cell's text with its integer-execution figures (``--deploy``), when its record has them."""
+    return f"{text} [{deploy}]" if isinstance(deploy, str) and deploy else text
+
+
+def paper_table(frame: pd.DataFrame, deploy: bool = False) -> pd.DataFrame:
     """Wide table: index (Method, W/A), one column per model; cells 'reproduced (published, Δ)', seeds aggregated
-    to 'mean ± std (n=k)'. ``frame`` is :func:`records_frame`'s (or already aggregated)."""
+    to 'mean ± std (n=k)', with ``deploy`` also '[x86_int8 0.70x FP, 6.3/22.9 MB, 100.0% agr.]' where a record has a
+    deploy section. ``frame`` is :func:`records_frame`'s (or already aggregated)."""
     if frame.empty:
         return pd.DataFrame()
     cells = frame if "n" in frame.columns else aggregate(frame)
     digits = 4 if frame.attrs.get("metric") == "logit_cosine" else 2
-    cells = cells.assign(cell=cells.apply(_cell, axis=1, digits=digits))
+    cells = cells.assign(cell=cells.apply(_cell, axis=1, digits=digits, deploy=deploy))
     several = cells["metric"].nunique() > 1
     index = ["metric", "method", "bits"] if several else ["method", "bits"]
     table = cells.pivot_table(index=index, columns="model", values="cell", aggfunc="first", sort=False)
@@ -226,11 +234,12 @@ def markdown(table: pd.DataFrame) -> str:
     return table.reset_index().to_markdown(index=False, disable_numparse=True) if not table.empty else "(no runs)"
 
 
-def write_report(frame: pd.DataFrame, out_dir: Path, name: str = "table") -> dict[str, Path]:
-    """Write ``name``.md/.tex/.csv (and .png when matplotlib can plot) under ``out_dir``; returns the paths."""
+def write_report(frame: pd.DataFrame, out_dir: Path, name: str = "table", deploy: bool = False) -> dict[str, Path]:
+    """Write ``name``.md/.tex/.csv (and .png when matplotlib can plot) under ``out_dir``; returns the paths;
+    ``deploy``: cells carry their integer-execution figures (:func:`paper_table`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = aggregate(frame)
-    table = paper_table(cells)
+    table = paper_table(cells, deploy)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "tex", "csv")}
     metric = frame.attrs.get("metric", "top1")
     note = (f"{METRIC_LABELS.get(metric, metric)}, reproduced"
