@@ -253,7 +253,7 @@ def calibrate(task: Any, method: Method, settings: RunSettings, model: nn.Module
     calibrated (every quantizer observed data); returns the model in eval mode and the record's calibration part."""
     calibration: dict[str, Any] = {"num_images": 0}
     if method.uses_calibration:
-        data = task.calibration(settings.calib_size, settings.seed, settings.device)
+        data = task.calibration(method.calibration_size(settings.calib_size), settings.seed, settings.device)
         start = time.perf_counter()
         model = method.quantize(model, data)
         calibration = {**data.identity, "seconds": time.perf_counter() - start}
@@ -280,7 +280,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     seed_everything(settings.seed)
     model, info = task.build_model()
     method.check(model)
-    task.check_data(settings.calib_size)
+    task.check_data(method.calibration_size(settings.calib_size))
     key = run_key(identity(task, cfg, method, settings, info.weights_sha256))
     stored = None if settings.force else store.load_valid(key)  # a damaged record is set aside and the run redone
     if stored is not None:

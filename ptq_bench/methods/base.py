@@ -76,6 +76,11 @@ class Method(ABC):
             chosen_by |= {role: f"method.quantizers.{role}" for role in self.quantizers}
             check_placement(self.quantizer_table(), bits, self.name, self.foldable_roles(), chosen_by)
 
+    def calibration_size(self, calib_size: int) -> int:
+        """How many calibration samples the run loads for ``method.calib_size`` (a method with a second set, e.g. for a
+        reconstruction after its calibration, asks for more)."""
+        return calib_size
+
     def placement(self) -> dict[str, QuantizerSpec | None]:
         """The method's role → quantizer table (:mod:`ptq_bench.models.placement`); methods that calibrate define it."""
         raise NotImplementedError(f"method '{self.name}' declares no quantizer placement")

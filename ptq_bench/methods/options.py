@@ -5,7 +5,8 @@ method's config, refusing unknown and missing keys and values of the wrong type 
 for a bool) in one line naming the key. A field with ``metadata={"runtime": True}`` (see :func:`runtime`) changes
 how a run goes, never its result (memory budgets, resume folders): it is left out of run keys and table labels. A
 boolean switch added after records existed, off by default, is declared with :func:`keyed_when_on`: it enters the
-identity only when on, so the keys of earlier runs (made with it off) stay valid.
+identity only when on, so the keys of earlier runs (made with it off) stay valid; the options of the stage it switches
+on are declared with :func:`keyed_with` and enter the identity only with it.
 """
 
 from __future__ import annotations
@@ -41,12 +42,19 @@ def keyed_when_on() -> Any:
     return dataclasses.field(metadata={"keyed_when_on": True})
 
 
+def keyed_with(switch: str) -> Any:
+    """A field of the stage the :func:`keyed_when_on` field ``switch`` turns on: in the identity only while it is on."""
+    return dataclasses.field(metadata={"keyed_with": switch})
+
+
 def identity_options(options: Any) -> dict[str, Any]:
-    """The options that determine a result: runtime fields left out, and :func:`keyed_when_on` fields while off."""
+    """The options that determine a result: runtime fields left out, :func:`keyed_when_on` fields while off, and
+    :func:`keyed_with` fields while their switch is off."""
     return {
         f.name: getattr(options, f.name)
         for f in dataclasses.fields(options)
         if not f.metadata.get("runtime") and not (f.metadata.get("keyed_when_on") and getattr(options, f.name) is False)
+        and not ("keyed_with" in f.metadata and getattr(options, f.metadata["keyed_with"]) is False)
     }
 
 
