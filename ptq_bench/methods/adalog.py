@@ -1,8 +1,9 @@
-"""AdaLog (Wu et al., ECCV 2024, arXiv 2407.12951), calibration only, following GoatWu/AdaLog @ 75a57d2.
+"""AdaLog (Wu et al., ECCV 2024, arXiv 2407.12951), following GoatWu/AdaLog @ 75a57d2.
 
 The paper's "Calibrate" result: adaptive-base log quantizers on the post-Softmax map and the post-GELU input, uniform
-asymmetric grids elsewhere, every grid found by FPCS on the layer's output. The optional block reconstruction
-(``--optimize``, utils/block_recon.py, the README's "Retrain" column) is **not** implemented.
+asymmetric grids elsewhere, every grid found by FPCS on the layer's output. ``optimize: true`` adds the official
+block reconstruction (``--optimize``, the README's "Retrain" column; :mod:`ptq_bench.methods.adalog_retrain`) between
+the search and the shift fold, on a second set of ``optim_size`` samples loaded after the ``calib_size`` ones.
 
 Pipeline (utils/calibrator.py ``QuantCalibrator.batching_quant_calib``, test_quant.py ``main``):
 
@@ -13,7 +14,8 @@ Pipeline (utils/calibrator.py ``QuantCalibrator.batching_quant_calib``, test_qua
    per-channel input grid, folds it into the LayerNorm (scale reparameterization with the mean scale and the *rounded*
    mean zero point as target), then searches again per tensor on the reparameterized input; later layers are
    captured on the reparameterized model.
-3. After the last layer, fc2's shift η is folded into its bias with the quantized weight (``finish_training`` →
+3. (``optimize``) The reconstruction, from a copy of the FP model taken before the search.
+4. After the last layer (after the reconstruction), fc2's shift η is folded into its bias with the quantized weight (``finish_training`` →
    ``reparam_bias``).
 
 Layer choices (utils/wrap_net.py, configs/{3,4,6}bit.py): weights per output channel (w bits); inputs of Linears per
@@ -40,6 +42,7 @@ identity and 8 reproduces the oracle bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +61,7 @@ from ptq_bench.methods.adalog_search import (
     SearchSettings,
 )
 from ptq_bench.methods.base import METHODS, Method
+from ptq_bench.methods.options import keyed_when_on, keyed_with
 from ptq_bench.models import set_quantizers_enabled
 from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.models.prepare import layernorm_linear_pairs
@@ -73,7 +77,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AdaLogOptions:
-    """Every option (conf/method/adalog.yaml gives the values, from configs/{3,4,6}bit.py)."""
+    """Every option (conf/method/adalog.yaml gives the values, from configs/{3,4,6}bit.py and
+    ``reconstruct_single_block``); the reconstruction's enter run keys only with ``optimize``."""
 
     calib_batch_size: int
     eq_n: int
@@ -82,6 +87,16 @@ class AdaLogOptions:
     fpcs_width: int
     qconv_a_bit: int
     search_memory_gb: float
+    optimize: bool = keyed_when_on()
+    optim_size: int = keyed_with("optimize")
+    optim_batch_size: int = keyed_with("optimize")
+    iters: int = keyed_with("optimize")
+    lr_round: float = keyed_with("optimize")
+    lr_act: float = keyed_with("optimize")
+    round_weight: float = keyed_with("optimize")
+    b_start: float = keyed_with("optimize")
+    b_end: float = keyed_with("optimize")
+    warmup: float = keyed_with("optimize")
 
     def __post_init__(self) -> None:
         for key in ("calib_batch_size", "eq_n", "search_round", "steps", "fpcs_width"):
@@ -94,11 +109,14 @@ class AdaLogOptions:
                               ">= 8 leaves the patch-embedding input unquantized, as the official code does)")
         if self.search_memory_gb <= 0:
             raise ConfigError(f"AdaLog: search_memory_gb must be > 0, got {self.search_memory_gb}")
+        if self.optim_size < 1 or self.optim_batch_size < 1 or self.iters < 0 or not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"AdaLog: optim_size and optim_batch_size must be >= 1, iters >= 0, warmup in [0, 1) "
+                              f"(got {self.optim_size}, {self.optim_batch_size}, {self.iters}, {self.warmup})")
 
 
 @METHODS.register("adalog")
 class AdaLog(Method):
-    """AdaLog calibration (configs/{3,4,6}bit.py with ``--calibrate``)."""
+    """AdaLog calibration (configs/{3,4,6}bit.py with ``--calibrate``), and with ``optimize`` its reconstruction."""
 
     name = "adalog"
     Options = AdaLogOptions
@@ -113,8 +131,17 @@ class AdaLog(Method):
         """The post-LayerNorm per-channel search and fold, which the official code applies only when w = a."""
         return self.bits.w == self.bits.a
 
+    @property
+    def optimize(self) -> bool:
+        """The ``--optimize`` reconstruction (recipes of this code base whose options lack it: off)."""
+        return bool(getattr(self.options, "optimize", False))
+
     def needs(self) -> frozenset[str]:
-        return frozenset({"layernorm_pairs"} if self.reparameterize else set())
+        return frozenset({"layernorm_pairs"} if self.reparameterize else set()) | ({"blocks"} if self.optimize else set())
+
+    def calibration_size(self, calib_size: int) -> int:
+        """``calib_size`` samples for the search, then (``optimize``) the ``optim_size`` of the reconstruction."""
+        return calib_size + self.options.optim_size if self.optimize else calib_size
 
     def foldable_roles(self) -> frozenset[str]:
         return frozenset({"post_layernorm"} if self.reparameterize else set())
@@ -144,8 +171,32 @@ class AdaLog(Method):
 
     # ------------------------------------------------------------------------------------------ pipeline
 
-    @torch.no_grad()
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        if not self.optimize:
+            self.search_(model, data)
+        else:
+            from ptq_bench.methods.adalog_retrain import fp_copy  # not at the top: qdrop.py's helpers import adalog.py
+
+            size = len(data) - self.options.optim_size
+            if size < 1:
+                raise ConfigError(f"{self.name}: {len(data)} samples, but optimize needs calib_size + optim_size")
+            fp_model = fp_copy(model)
+            self.search_(model, dataclasses.replace(data, samples=data.samples[:size]))
+            self.retrain_(model, fp_model, dataclasses.replace(data, samples=data.samples[size:]))
+        finish_(model)
+        return model
+
+    def retrain_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
+                 generator: torch.Generator | None = None) -> None:
+        """The reconstruction on ``data`` (batches from ``generator``, by default seeded with the run's seed)."""
+        from ptq_bench.methods.adalog_retrain import RetrainSettings, retrain_  # see _quantize
+        o = self.options
+        settings = RetrainSettings(o.optim_batch_size, o.iters, o.lr_round, o.lr_act, o.round_weight, o.b_start, o.b_end, o.warmup)
+        retrain_(model, fp_model, data, settings, generator or torch.Generator().manual_seed(self.seed), self.progress, self.name)
+
+    @torch.no_grad()
+    def search_(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        """The search of every layer's grids (and the LayerNorm folds), quantizers on; the shift not yet folded."""
         if not data.uniform_shapes:
             raise ConfigError(f"{self.name} stacks each layer's inputs over the calibration set, but this task's layers see "
                               "inputs of several shapes")
@@ -179,9 +230,6 @@ class AdaLog(Method):
             folded = [layer for _, layer in layers if id(layer) in norms]
             self.transforms.append(check.record(folded=folded_pairs(model, folded)))
         set_quantizers_enabled(model, True)
-        for _, layer in layers:  # finish_training → reparam_bias
-            if isinstance(layer, QuantLinear) and isinstance(layer.input_quantizer, ShiftAdaLogQuantizer):
-                fold_shift_into_bias_(layer)
         return model
 
     def _linear(self, layer: QuantLinear, x: torch.Tensor, out: torch.Tensor, settings: SearchSettings, n_v: int,
@@ -215,6 +263,14 @@ class AdaLog(Method):
         else:
             _install_uniform(layer.quantizer_a, search.a_scale, search.a_zp, (heads, 1, 1))
         _install_uniform(layer.quantizer_b, search.b_scale, search.b_zp, (heads, 1, 1))
+
+
+@torch.no_grad()
+def finish_(model: nn.Module) -> None:
+    """``finish_training`` → ``reparam_bias``: fold each post-GELU shift into its Linear's bias (quantized weight)."""
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear) and isinstance(layer.input_quantizer, ShiftAdaLogQuantizer):
+            fold_shift_into_bias_(layer)
 
 
 def capture(model: nn.Module, layer: nn.Module, data: CalibrationData, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:

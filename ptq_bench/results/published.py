@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -33,12 +33,28 @@ METHOD_ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "base_ptq": ("BasePTQ", ("PTQ4ViT",)),
     "dopq_vit": ("DopQ-ViT", ("APHQ-ViT", "GLF-Q (2026 preprint)", "Korean benchmark README")),
     "aiqvit": ("AIQViT", ("AIQViT",)),
-    "adalog": ("AdaLog (calibration only)", ("AdaLog",)),  # its README's "Calibrate" column; no reconstruction here
+    "adalog": ("AdaLog (calibration only)", ("AdaLog",)),  # its README's "Calibrate" column (optimize=true: below)
     "erq": ("ERQ (TPAMI)", ("ERQ (TPAMI 2025)",)),  # the official README's table (the code is the TPAMI extension)
     "aphq_vit": ("APHQ-ViT", ("APHQ-ViT", "GLF-Q (2026 preprint)")),
     "qdrop": ("QDrop (reproduced by APHQ authors)", ("APHQ-ViT",)),  # the APHQ-ViT code base's QDrop, as implemented
     "ias_vit": ("I&S-ViT", ("I&S-ViT", "APHQ-ViT", "GLF-Q (2026 preprint)")),
 }
+
+#: (harness method, boolean option) -> the published method of a run with that option on, as in METHOD_ALIASES.
+OPTION_ALIASES: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("adalog", "optimize"): ("AdaLog + BRECQ-style block recon ('Retrain')", ("AdaLog",)),  # the README's "Retrain"
+}
+
+
+def method_alias(method: str | Mapping[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """(CSV method, papers) of harness ``method``: a name, or a record's ``method`` section (its name and the options
+    in its run key), where an option of :data:`OPTION_ALIASES` that is on selects its variant; None if not filed."""
+    name = method if isinstance(method, str) else str(method["name"])
+    if not isinstance(method, str):
+        for (alias_method, option), alias in OPTION_ALIASES.items():
+            if alias_method == name and method.get(option) is True:
+                return alias
+    return METHOD_ALIASES.get(name)
 
 
 #: (record task, record metric) -> (CSV task, CSV metric). COCO AP is recorded in percent, as papers print it.
@@ -158,12 +174,15 @@ def choose(rows: pd.DataFrame, own_paper: str | None = None, own_source: str | N
 
 
 def published_value(
-    table: pd.DataFrame, task: str, metric: str, method: str, model: str, wbits: int | None, abits: int | None
+    table: pd.DataFrame, task: str, metric: str, method: str | Mapping[str, Any], model: str, wbits: int | None,
+    abits: int | None
 ) -> tuple[float | None, str | None]:
-    """The published ``metric`` of harness ``method`` on ``model`` (its display name, e.g. "DeiT-T") for ``task``,
-    or (None, None) when none is filed; the method's own paper first, primary before secondary sources."""
-    if method not in METHOD_ALIASES:
+    """The published ``metric`` of harness ``method`` (:func:`method_alias`) on ``model`` (its display name, e.g.
+    "DeiT-T") for ``task``, or (None, None) when none is filed; the method's own paper first, primary before
+    secondary sources."""
+    alias = method_alias(method)
+    if alias is None:
         return None, None
-    name, papers = METHOD_ALIASES[method]
+    name, papers = alias
     chosen = choose(candidates(table, task, metric, name, model, wbits, abits), papers=papers)
     return (chosen.value, chosen.where) if chosen else (None, None)

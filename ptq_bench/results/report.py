@@ -115,7 +115,7 @@ def records_frame(
         model = str(record["model"].get("display") or record["model"]["name"])
         value, source = (None, None)
         if has_trained_weights(record):
-            value, source = published_value(published, task, chosen, str(record["method"]["name"]), model, wbits, abits)
+            value, source = published_value(published, task, chosen, record["method"], model, wbits, abits)
         reproduced = float(record["metrics"][chosen])
         variant = _variant(record)
         rows.append({

@@ -1,0 +1,129 @@
+"""AdaLog's "Retrain" (``test_quant.py --optimize``): BRECQ-style reconstruction of every unit after the calibration.
+
+GoatWu/AdaLog @ 75a57d2, utils/block_recon.py ``BlockReconstructor.reconstruct_model(quant_act=cfg.train_act)``:
+unit by unit in module order (the patch embedding, the transformer blocks, a Swin's patch merging, the head:
+:func:`ptq_bench.methods.qdrop.reconstruction_units`), the unit's input and target output come from the FP model (a
+copy taken before calibration), never from the quantized model, and nothing is mixed or dropped. For ``iters`` steps
+a batch ``randperm(n)[:batch_size]`` is drawn and the loss minimized over the AdaRound variables of every weight
+(:mod:`ptq_bench.transforms.adaround`, Adam at ``lr_round``) and the scale of every activation quantizer (Adam at
+``lr_act``, cosine to 0): the uniform inputs and Q, K, V, and both AdaLog quantizers, the post-Softmax one included
+(its s starts at 1; q, zero points and the shift stay). Loss (``LossFunction``): ‖ŷ - y‖² summed over tokens,
+averaged over the rest, divided by 10 (no normalization by the first value); the head's KL(softmax(y) ‖ softmax(ŷ));
+plus ``round_weight``·Σ(1 - |2h(α) - 1|^b) from ``warmup``·iters on, b linear from ``b_start`` to ``b_end``. The
+quantizers train with straight-through rounding (``init_training``): the AdaLog ones de-quantize as 2^(-e·q/r)·s
+instead of their tables there. Afterwards every weight takes its hard rounding; the post-GELU shift is folded by the
+caller after this (``finish_training`` runs after ``reconstruct_model``).
+
+The batches come from one generator seeded with the run's seed; each official unit first iterates its calibration
+loader once (the FP capture), a DataLoader pass that draws one int64 from the global generator, drawn here too.
+The optimization loop is the shared one (:func:`ptq_bench.transforms.reconstruction.reconstruct_block`), as QDrop's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq_bench.calibration import CalibrationData
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods.qdrop import fp_copy, head_loss, lp_loss, reconstruction_units
+from ptq_bench.quant.adalog import AdaLogQuantizer
+from ptq_bench.quant.base import Quantizer
+from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.transforms.adaround import RoundingAnnealing, adaround_layers, attach_, bake_
+from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
+from ptq_bench.transforms.qdrop import skip_loader_seeds
+from ptq_bench.transforms.reconstruction import ReconStep, learnable_scales, reconstruct_block
+
+__all__ = ["RetrainSettings", "activation_quantizers", "fp_copy", "retrain_"]
+
+log = logging.getLogger(__name__)
+
+#: ``LossFunction``'s divisor of the 'mse' reconstruction loss (``lp_loss(...) / 10``).
+MSE_DIVISOR = 10
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """``reconstruct_single_block``'s arguments (conf/method/adalog.yaml holds the values)."""
+
+    batch_size: int
+    iters: int
+    lr_round: float
+    lr_act: float
+    round_weight: float
+    b_start: float
+    b_end: float
+    warmup: float
+
+
+def activation_quantizers(unit: nn.Module) -> list[Quantizer]:
+    """The quantizers whose scale the official ``a_params`` holds: every enabled activation quantizer of the unit."""
+    return [q for q in unit.modules() if isinstance(q, (UniformQuantizer, AdaLogQuantizer)) and q.role != "weight" and q.enabled]
+
+
+def retrain_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, settings: RetrainSettings,
+             generator: torch.Generator, progress: bool = False, name: str = "adalog") -> None:
+    """``reconstruct_model``: every unit of ``model`` in order, against ``fp_model``'s units on ``data``."""
+    fp_units = dict(reconstruction_units(fp_model))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        units = [(unit_name, unit) for unit_name, unit in reconstruction_units(model) if adaround_layers(unit)]
+        for unit_name, unit in tqdm(units, desc=f"{name} units", disable=not progress):
+            fp_in = capture_block_inputs(fp_model, fp_units[unit_name], data, settings.batch_size)
+            if not isinstance(fp_in, torch.Tensor):
+                raise ConfigError(f"{name}: unit {unit_name} takes extra arguments or samples of different shapes")
+            target = block_outputs(fp_units[unit_name], fp_in, settings.batch_size)
+            skip_loader_seeds(generator, 1)  # init_block_raw_inp_outp: one pass over the loader
+            _retrain_unit(unit_name, unit, fp_in, target, settings, generator, progress, name)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _retrain_unit(unit_name: str, unit: nn.Module, fp_in: torch.Tensor, target: torch.Tensor, s: RetrainSettings,
+                  generator: torch.Generator, progress: bool, name: str) -> None:
+    layers = adaround_layers(unit)
+    rounders = attach_(layers)
+    annealing = RoundingAnnealing(s.iters, s.warmup, s.b_start, s.b_end)
+    state = {"count": 0}
+    is_head = unit_name == "head"
+
+    def objective(idx: torch.Tensor) -> torch.Tensor:
+        state["count"] += 1
+        out, y = unit(fp_in[idx]), target[idx]
+        total = head_loss(out, y) if is_head else lp_loss(out, y) / MSE_DIVISOR
+        if annealing.active(state["count"]):
+            b = annealing.b(state["count"])
+            total = total + sum(s.round_weight * r.regularizer(b) for r in rounders)
+        return total
+
+    try:
+        with learnable_scales([(q, "scale") for q in activation_quantizers(unit)]) as scales:
+            for r in rounders:
+                r.alpha.requires_grad_(True)
+            act_opt = torch.optim.Adam(scales, lr=s.lr_act) if scales else None
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, T_max=s.iters, eta_min=0.0) if act_opt else None
+
+            def act_step() -> None:
+                if act_opt is not None and schedule is not None:
+                    act_opt.step()
+                    schedule.step()
+
+            step = ReconStep(torch.optim.Adam([r.alpha for r in rounders], lr=s.lr_round),
+                             torch.arange(fp_in.shape[0], device=fp_in.device),
+                             before=act_opt.zero_grad if act_opt else None, after=act_step, always_shuffle=True)
+            history = reconstruct_block(unit, fp_in, target, [step], s.iters, s.batch_size, generator, objective,
+                                        desc=f"reconstruct {unit_name}", progress=progress)
+            for r in rounders:
+                r.soft = False
+        if history:
+            log.info("%s %s: loss %.4g -> %.4g", name, unit_name, history[0], history[-1])
+    finally:
+        bake_(layers)
