@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
+from omegaconf import OmegaConf
 from test_repq_vit import synthetic_batch, tiny_vit
 from timm.models.swin_transformer import SwinTransformer
 
@@ -18,6 +20,7 @@ from ptq_bench.calibration import image_calibration
 from ptq_bench.compare import qparam_diffs
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.methods.options import method_defaults
 from ptq_bench.quant.sulq import SulqQuantizer
 from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.block_capture import BlockInputs
@@ -118,6 +121,17 @@ def test_refusals() -> None:
         build_method("ias_vit", BitWidth(4, 4), lr=0.0)
     with pytest.raises(ConfigError, match="batch_size 64"):
         build_method("ias_vit", BitWidth(4, 4)).quantize(tiny_vit(), image_calibration(synthetic_batch(0, 8, (3, 32, 32))))
+
+
+def test_smoke_budget_caps_fit_its_images() -> None:
+    """budget=smoke caps calib_size, init_size, batch_size and iters: the capped run trains on its 32 images."""
+    caps = OmegaConf.load(REPO / "conf" / "budget" / "smoke.yaml").caps
+    defaults = method_defaults("ias_vit")
+    capped = {k: min(v, caps[k]) for k, v in defaults.items() if k in caps and isinstance(v, int)}
+    assert capped == {"calib_size": 32, "init_size": 32, "batch_size": 32, "iters": 20}
+    method = build_method("ias_vit", BitWidth(4, 4), **{k: v for k, v in capped.items() if k != "calib_size"})
+    model = method.quantize(tiny_vit(), image_calibration(synthetic_batch(0, capped["calib_size"], (3, 32, 32))))
+    assert all(q.calibrated for q in model.modules() if isinstance(q, UniformQuantizer))
 
 
 def test_pipeline_matches_official_code_w4a4() -> None:
