@@ -1,5 +1,5 @@
-"""I&S-ViT's reconstruction units and their weight training (the stages of its smooth optimization strategy, SOS;
-Zhong et al., arXiv 2311.10126, Sec. 4.2), as the official code runs them (zysxmu/IaS-ViT @ 9300cea
+"""I&S-ViT's reconstruction units and their weight training (stages 1 and 3 of its smooth optimization strategy,
+SOS; Zhong et al., arXiv 2311.10126), as the official code runs them (zysxmu/IaS-ViT @ 9300cea
 quant/block_recon.py ``block_reconstruction``, quant/layer_recon.py ``layer_reconstruction``, test_quant.py
 ``recon_model``):
 
