@@ -9,6 +9,8 @@ Each model is calibrated by the method on ``--calib-size`` seeded N(0, 1) images
 eager fake-quant model. Threads: ``--threads`` (the CPU's cores are shared on the CI machine).
 
     python benchmarks/deploy_speed.py --models deit_tiny deit_small --methods minmax --symmetric-weights --threads 1
+    python benchmarks/deploy_speed.py --models deit_tiny --methods qdrop \
+        --options search_size=8 calib_batch_size=4 batch_size=4 iters=2 eq_n=16   # a reconstruction method, capped
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def measure(model_name: str, method: str, symmetric: bool, bits: BitWidth, args:
     model = timm.create_model(TIMM_NAMES[model_name], pretrained=False).eval()
     images = torch.randn(max(args.calib_size, args.batch), 3, 224, 224)
     quantizers = SYMMETRIC_WEIGHTS if symmetric else None
-    model = build_method(method, bits, quantizers=quantizers).quantize(model, image_calibration(images[: args.calib_size])).eval()
+    model = build_method(method, bits, quantizers=quantizers, **args.options).quantize(model, image_calibration(images[: args.calib_size])).eval()
     batch = images[: args.batch]
     sites = plan(model)
     fp = copy.deepcopy(model)
@@ -61,17 +63,30 @@ def measure(model_name: str, method: str, symmetric: bool, bits: BitWidth, args:
             "ratio": timed["int8"]["median_ms"] / timed["fp"]["median_ms"], "bytes_int8": model_bytes(integer), "bytes_fp": model_bytes(fp)}
 
 
+def _option(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["deit_tiny", "deit_small"], choices=sorted(TIMM_NAMES))
     parser.add_argument("--methods", nargs="+", default=["minmax"])
     parser.add_argument("--symmetric-weights", action="store_true")
+    parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="method options over its YAML (ints and floats parsed), e.g. iters=2")
     parser.add_argument("--bits", nargs=2, type=int, default=[8, 8], metavar=("W", "A"))
     parser.add_argument("--calib-size", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    args.options = dict(_option(item) for item in args.options)
     torch.set_num_threads(args.threads)
     x86.check_available(torch.device("cpu"))
     print("| model | method | bits | int8 sites | kernels (qlinear/qconv) | int8 ms | FP ms | int8/FP | top-1 agr. | cosine | max abs diff (max abs logit) | MB int8 / FP |")
