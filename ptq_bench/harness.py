@@ -204,6 +204,9 @@ def build_record(
     quantized, metrics, timings, memory)."""
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     bits = settings.bits
+    keyed = {"calib_size", *method.identity()}  # an option outside the run key (a switched-off stage's) is no change
+    changes = {k: v for k, v in chosen_options(method_cfg, protocol).items() if k in keyed}  # type: ignore[arg-type]
+    protocol = {**protocol, "budget_changes": {k: v for k, v in protocol["budget_changes"].items() if k in keyed}}
     record = {
         "schema": SCHEMA_VERSION,
         "run_key": key,
@@ -211,7 +214,7 @@ def build_record(
         "primary_metric": task.primary_metric,
         "model": measured["model"],
         "method": method_cfg,
-        "option_changes": chosen_options(method_cfg, protocol),  # type: ignore[arg-type]
+        "option_changes": changes,
         "method_overrides": sorted(o for o in overrides if o.lstrip("+~").startswith("method.")),
         "protocol": protocol,  # budget, what it capped, method_options given for this method
         "bits": ({"w": bits.w, "a": bits.a, "label": bits.label} | ({"layers": bits.layers_record()} if bits.layers else {})

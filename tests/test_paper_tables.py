@@ -151,6 +151,16 @@ def test_labels_carry_the_budget_every_option_and_the_eval_subset():
     assert set(frame["method"]) == {"aiqvit", method_label(smoke)}  # never one cell
 
 
+def test_a_switched_off_stage_is_not_in_the_label(tmp_path):
+    """AdaLog without ``optimize``: the smoke budget's caps of its reconstruction options (iters, optim_size) change
+    nothing the run does (they are outside its run key), so the label names only the search cap."""
+    common = ["method=adalog", "budget=smoke", "method.calib_size=4", "data.max_eval_images=100", f"results_dir={tmp_path}", *QUIET]
+    assert run_cli(*common).returncode == 0
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert record["method_label"] == "adalog [calib_size=4; budget=smoke: steps=3; eval 100 imgs]"
+    assert set(record["protocol"]["budget_changes"]) == {"steps"}
+
+
 def _compose(*overrides: str):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO), replace=True)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
