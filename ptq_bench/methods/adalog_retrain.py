@@ -34,10 +34,10 @@ from ptq_bench.methods.qdrop import fp_copy, head_loss, lp_loss, reconstruction_
 from ptq_bench.quant.adalog import AdaLogQuantizer
 from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.adaround import RoundingAnnealing, adaround_layers, attach_, bake_
+from ptq_bench.transforms.adaround import RoundingAnnealing, adaround_layers
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.qdrop import skip_loader_seeds
-from ptq_bench.transforms.reconstruction import ReconStep, learnable_scales, reconstruct_block
+from ptq_bench.transforms.unit_training import UnitTraining, train_unit
 
 __all__ = ["RetrainSettings", "activation_quantizers", "fp_copy", "retrain_"]
 
@@ -89,41 +89,15 @@ def retrain_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, setti
 
 def _retrain_unit(unit_name: str, unit: nn.Module, fp_in: torch.Tensor, target: torch.Tensor, s: RetrainSettings,
                   generator: torch.Generator, progress: bool, name: str) -> None:
-    layers = adaround_layers(unit)
-    rounders = attach_(layers)
-    annealing = RoundingAnnealing(s.iters, s.warmup, s.b_start, s.b_end)
-    state = {"count": 0}
     is_head = unit_name == "head"
 
-    def objective(idx: torch.Tensor) -> torch.Tensor:
-        state["count"] += 1
+    def rec_loss(idx: torch.Tensor) -> torch.Tensor:
         out, y = unit(fp_in[idx]), target[idx]
-        total = head_loss(out, y) if is_head else lp_loss(out, y) / MSE_DIVISOR
-        if annealing.active(state["count"]):
-            b = annealing.b(state["count"])
-            total = total + sum(s.round_weight * r.regularizer(b) for r in rounders)
-        return total
+        return head_loss(out, y) if is_head else lp_loss(out, y) / MSE_DIVISOR
 
-    try:
-        with learnable_scales([(q, "scale") for q in activation_quantizers(unit)]) as scales:
-            for r in rounders:
-                r.alpha.requires_grad_(True)
-            act_opt = torch.optim.Adam(scales, lr=s.lr_act) if scales else None
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, T_max=s.iters, eta_min=0.0) if act_opt else None
-
-            def act_step() -> None:
-                if act_opt is not None and schedule is not None:
-                    act_opt.step()
-                    schedule.step()
-
-            step = ReconStep(torch.optim.Adam([r.alpha for r in rounders], lr=s.lr_round),
-                             torch.arange(fp_in.shape[0], device=fp_in.device),
-                             before=act_opt.zero_grad if act_opt else None, after=act_step, always_shuffle=True)
-            history = reconstruct_block(unit, fp_in, target, [step], s.iters, s.batch_size, generator, objective,
-                                        desc=f"reconstruct {unit_name}", progress=progress)
-            for r in rounders:
-                r.soft = False
-        if history:
-            log.info("%s %s: loss %.4g -> %.4g", name, unit_name, history[0], history[-1])
-    finally:
-        bake_(layers)
+    training = UnitTraining(s.iters, s.batch_size, s.lr_round, s.lr_act, s.round_weight,
+                            RoundingAnnealing(s.iters, s.warmup, s.b_start, s.b_end))
+    history = train_unit(unit, fp_in, target, rec_loss, activation_quantizers(unit), training, generator,
+                         f"reconstruct {unit_name}", progress)
+    if history:
+        log.info("%s %s: loss %.4g -> %.4g", name, unit_name, history[0], history[-1])

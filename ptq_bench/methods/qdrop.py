@@ -38,23 +38,14 @@ from ptq_bench.methods.base import METHODS
 from ptq_bench.models import find_blocks
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.adaround import (
-    RoundingAnnealing,
-    adaround_layers,
-    attach_,
-    bake_,
-)
+from ptq_bench.transforms.adaround import RoundingAnnealing
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.qdrop import (
     dropping_activations,
     mixed_inputs,
     skip_loader_seeds,
 )
-from ptq_bench.transforms.reconstruction import (
-    ReconStep,
-    learnable_scales,
-    reconstruct_block,
-)
+from ptq_bench.transforms.unit_training import UnitTraining, train_unit
 
 log = logging.getLogger(__name__)
 
@@ -194,44 +185,19 @@ class QDrop(AphqCalibration):
         o = self.options
         if not isinstance(q_in, torch.Tensor):
             raise ConfigError(f"{self.name}: unit {name} takes extra arguments or samples of different shapes")
-        layers = adaround_layers(unit)
-        rounders = attach_(layers)
         activations = [q for q in unit.modules() if isinstance(q, UniformQuantizer) and q.role != "weight" and q.enabled]
-        annealing = RoundingAnnealing(o.iters, o.warmup, o.b_start, o.b_end)
         state = {"count": 0, "init": 1.0}
 
-        def objective(idx: torch.Tensor) -> torch.Tensor:
+        def normalized(idx: torch.Tensor) -> torch.Tensor:
             state["count"] += 1
             x = mixed_inputs(q_in[idx], fp_in[idx], o.drop_prob, masks)
             rec = rec_loss(unit(x), target[idx], idx)
             if state["count"] == 1:
                 state["init"] = rec.item()
-            total = rec * 2 / state["init"]
-            if annealing.active(state["count"]):
-                b = annealing.b(state["count"])
-                total = total + sum(o.round_weight * r.regularizer(b) for r in rounders)
-            return total
+            return rec * 2 / state["init"]
 
-        try:
-            with learnable_scales([(q, "scale") for q in activations]) as scales:
-                for r in rounders:
-                    r.alpha.requires_grad_(True)
-                act_opt = torch.optim.Adam(scales, lr=o.lr_act) if scales else None
-                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, T_max=o.iters, eta_min=0.0) if act_opt else None
-
-                def act_step() -> None:
-                    if act_opt is not None and schedule is not None:
-                        act_opt.step()
-                        schedule.step()
-
-                step = ReconStep(torch.optim.Adam([r.alpha for r in rounders], lr=o.lr_round),
-                                 torch.arange(q_in.shape[0], device=q_in.device),
-                                 before=act_opt.zero_grad if act_opt else None, after=act_step, always_shuffle=True)
-                with dropping_activations(activations, o.drop_prob, masks):
-                    history = reconstruct_block(unit, q_in, target, [step], o.iters, o.batch_size, generator,
-                                                objective, desc=f"reconstruct {name}", progress=self.progress)
-                for r in rounders:
-                    r.soft = False
-            log.info("%s %s: loss %.4g -> %.4g", self.name, name, history[0], history[-1])
-        finally:
-            bake_(layers)
+        training = UnitTraining(o.iters, o.batch_size, o.lr_round, o.lr_act, o.round_weight,
+                                RoundingAnnealing(o.iters, o.warmup, o.b_start, o.b_end))
+        history = train_unit(unit, q_in, target, normalized, activations, training, generator, f"reconstruct {name}",
+                             self.progress, during=dropping_activations(activations, o.drop_prob, masks))
+        log.info("%s %s: loss %.4g -> %.4g", self.name, name, history[0], history[-1])
