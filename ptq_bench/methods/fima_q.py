@@ -1,0 +1,148 @@
+"""FIMA-Q (Wu et al., CVPR 2025): QDrop reconstruction with a diagonal-plus-low-rank Fisher loss.
+
+ShiheWang/FIMA-Q @ 64c4b00, configs/{3,4,6}bit/best.py with ``--calibrate --optimize`` (utils/block_recon.py):
+the APHQ-ViT calibration and QDrop reconstruction (:mod:`ptq_bench.methods.qdrop`) with these changes:
+
+1. Every unit but the head minimizes :class:`~ptq_bench.transforms.fisher_loss.FisherDPLRLoss` (``optim_metric =
+   'fisher_dplr'``, ``p1``, ``p2``), without QDrop's "normalization trick"; the head minimizes its KL unscaled.
+2. Fisher refresh (``new_fisher_ro``, ``dis_mode = 'q'``): at every step ``it`` with ``it % (iters // k) == 0``, after
+   the batch and its input mask are drawn, one pass over the reconstruction set (batches of ``batch_size``) through
+   the FP model with only this unit quantized, as it is training (soft rounding, dropped activations: earlier units
+   are back to 'raw' in the official code), gives the row mean |∂KL/∂O| (KL(log_softmax(ŷ/T) ‖ softmax(y/T)),
+   ``batchmean``, T = ``temp``) and the row mean |Ô − O|. The pass iterates the official loader (one seed draw).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptq_bench.calibration import CalibrationData
+from ptq_bench.errors import ConfigError
+from ptq_bench.methods.base import METHODS
+from ptq_bench.methods.qdrop import QDrop, QDropOptions, RecLoss, head_loss
+from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.transforms.adaround import RoundingAnnealing
+from ptq_bench.transforms.fisher_loss import FisherDPLRLoss
+from ptq_bench.transforms.qdrop import dropping_activations, mixed_inputs, skip_loader_seeds
+from ptq_bench.transforms.unit_training import UnitTraining, train_unit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FimaQOptions(QDropOptions):
+    """QDrop's options plus the Fisher loss's (conf/method/fima_q.yaml; configs/{3,4,6}bit/best.py)."""
+
+    temp: float
+    k: int
+    p1: float
+    p2: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise ConfigError(f"option k must be >= 1, got {self.k}")
+        if 0 < self.iters < self.k:
+            raise ConfigError(f"option iters must be 0 or >= k ({self.k}) for the Fisher refresh, got {self.iters}")
+        if self.temp <= 0:
+            raise ConfigError(f"option temp must be > 0, got {self.temp}")
+
+
+@contextmanager
+def swapped(model: nn.Module, name: str, module: nn.Module) -> Iterator[None]:
+    """``model``'s submodule ``name`` replaced by ``module`` inside the context."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    original = getattr(parent, child)
+    setattr(parent, child, module)
+    try:
+        yield
+    finally:
+        setattr(parent, child, original)
+
+
+class FisherUnitLoss:
+    """One unit's DPLR Fisher loss with its refresh pass (``new_fisher_ro``) through the FP model."""
+
+    def __init__(self, name: str, fp_model: nn.Module, data: CalibrationData, fp_softmax: list[torch.Tensor],
+                 o: FimaQOptions) -> None:
+        self.name, self.fp_model, self.data, self.fp_softmax, self.o = name, fp_model, data, fp_softmax, o
+        self.loss = FisherDPLRLoss(o.p1, o.p2)
+
+    def refresh(self, unit: nn.Module, target: torch.Tensor, generator: torch.Generator) -> None:
+        """Add a rank from one pass over the reconstruction set with ``unit`` (training state) in the FP model."""
+        skip_loader_seeds(generator, 1)
+        outputs: list[torch.Tensor] = []
+        hook = unit.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+        grads, deltas = [], []
+        try:
+            with swapped(self.fp_model, self.name, unit):
+                for batch, fp_soft in zip(self.data.batches(self.o.batch_size), self.fp_softmax):
+                    outputs.clear()
+                    pred = self.data.forward(self.fp_model, batch) / self.o.temp
+                    kl = F.kl_div(F.log_softmax(pred, dim=-1), fp_soft, reduction="batchmean")
+                    (grad,) = torch.autograd.grad(kl, outputs[0])
+                    grads.append(grad.detach())
+                    deltas.append(outputs[0].detach())
+        finally:
+            hook.remove()
+        grad = torch.cat(grads).reshape(len(target), -1).abs().mean(dim=0)
+        delta = (torch.cat(deltas) - target).abs().mean(dim=0).reshape(-1)
+        self.loss.refresh(grad, delta)
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.loss(output, target)
+
+
+@METHODS.register("fima_q")
+class FimaQ(QDrop):
+    """FIMA-Q: QDrop reconstruction on the DPLR Fisher loss, refreshed ``k`` times per unit."""
+
+    name = "fima_q"
+    Options = FimaQOptions
+
+    def reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
+                    generator: torch.Generator | None = None) -> None:
+        self._fp_softmax: list[torch.Tensor] | None = None
+        super().reconstruct(model, fp_model, data, generator)
+
+    def unit_loss(self, name: str, fp_model: nn.Module, fp_unit: nn.Module, data: CalibrationData) -> RecLoss:
+        """The head's KL, every other unit's :class:`FisherUnitLoss` (FP softmax(y/T) computed once per run)."""
+        if name == "head":
+            return lambda out, target, idx: head_loss(out, target)
+        if self._fp_softmax is None:
+            with torch.no_grad():
+                self._fp_softmax = [F.softmax(data.forward(fp_model, batch) / self.options.temp, dim=-1)
+                                    for batch in data.batches(self.options.batch_size)]
+        return FisherUnitLoss(name, fp_model, data, self._fp_softmax, self.options)
+
+    def _reconstruct_unit(self, name: str, unit: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor, target: torch.Tensor,
+                          rec_loss: RecLoss, generator: torch.Generator, masks: torch.Generator) -> None:
+        """QDrop's unit training with the official FIMA-Q loop: the loss unnormalized, the Fisher refreshed after the
+        input mask of every ``iters // k``-th step."""
+        o = self.options
+        if not isinstance(q_in, torch.Tensor):
+            raise ConfigError(f"{self.name}: unit {name} takes extra arguments or samples of different shapes")
+        activations = [q for q in unit.modules() if isinstance(q, UniformQuantizer) and q.role != "weight" and q.enabled]
+        every = o.iters // o.k
+        step = {"it": 0}
+
+        def loss(idx: torch.Tensor) -> torch.Tensor:
+            x = mixed_inputs(q_in[idx], fp_in[idx], o.drop_prob, masks)
+            if isinstance(rec_loss, FisherUnitLoss) and step["it"] % every == 0:
+                rec_loss.refresh(unit, target, generator)
+            step["it"] += 1
+            return rec_loss(unit(x), target[idx], idx)
+
+        training = UnitTraining(o.iters, o.batch_size, o.lr_round, o.lr_act, o.round_weight,
+                                RoundingAnnealing(o.iters, o.warmup, o.b_start, o.b_end))
+        history = train_unit(unit, q_in, target, loss, activations, training, generator, f"reconstruct {name}",
+                             self.progress, during=dropping_activations(activations, o.drop_prob, masks))
+        log.info("%s %s: loss %.4g -> %.4g", self.name, name, history[0], history[-1])
