@@ -10,6 +10,10 @@ the APHQ-ViT calibration and QDrop reconstruction (:mod:`ptq_bench.methods.qdrop
    the FP model with only this unit quantized, as it is training (soft rounding, dropped activations: earlier units
    are back to 'raw' in the official code), gives the row mean |∂KL/∂O| (KL(log_softmax(ŷ/T) ‖ softmax(y/T)),
    ``batchmean``, T = ``temp``) and the row mean |Ô − O|. The pass iterates the official loader (one seed draw).
+3. ``token_channel_wise`` (quant_layers/linear.py ``hyperparameter_searching``, quant_layers/matmul.py): after the
+   calibration every 3-D Linear input's per-tensor scale becomes one scale per token, and each matmul operand's
+   per-head scale one per head and row of A (Q, the attention map) or per head and column of B (Kᵀ, V), all
+   started at the calibrated value and learned separately; zero points stay shared.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS
 from ptq_bench.methods.qdrop import QDrop, QDropOptions, RecLoss, head_loss
+from ptq_bench.quant.layers import QuantLinear, QuantMatMul
 from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.adaround import RoundingAnnealing
 from ptq_bench.transforms.fisher_loss import FisherDPLRLoss
@@ -44,6 +49,7 @@ class FimaQOptions(QDropOptions):
     k: int
     p1: float
     p2: float
+    token_wise: bool
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +59,40 @@ class FimaQOptions(QDropOptions):
             raise ConfigError(f"option iters must be 0 or >= k ({self.k}) for the Fisher refresh, got {self.iters}")
         if self.temp <= 0:
             raise ConfigError(f"option temp must be > 0, got {self.temp}")
+
+
+def token_wise_shapes(model: nn.Module, data: CalibrationData) -> dict[UniformQuantizer, tuple[int, ...]]:
+    """The scale shape of every quantizer FIMA-Q's ``token_channel_wise`` widens, from one sample's forward."""
+    shapes: dict[UniformQuantizer, tuple[int, ...]] = {}
+
+    def record(quantizer: UniformQuantizer, shape: tuple[int, ...]) -> None:
+        if isinstance(quantizer, UniformQuantizer) and quantizer.enabled:
+            shapes[quantizer] = shape
+
+    def linear_hook(layer: QuantLinear, args: tuple) -> None:
+        if args[0].ndim == 3:
+            record(layer.input_quantizer, (args[0].shape[1], 1))
+
+    def matmul_hook(layer: QuantMatMul, args: tuple) -> None:
+        (_, heads, rows, _), (_, _, _, cols) = args[0].shape, args[1].shape
+        record(layer.quantizer_a, (heads, rows, 1))
+        record(layer.quantizer_b, (heads, 1, cols))
+
+    handles = [m.register_forward_pre_hook(linear_hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    handles += [m.register_forward_pre_hook(matmul_hook) for m in model.modules() if isinstance(m, QuantMatMul)]
+    try:
+        with torch.no_grad():
+            data.forward(model, data.batch(0, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def widen_scales_(shapes: dict[UniformQuantizer, tuple[int, ...]]) -> None:
+    """Each quantizer's calibrated scale expanded to its shape (zero points unchanged)."""
+    for quantizer, shape in shapes.items():
+        quantizer.set_params(quantizer.scale.expand(shape), quantizer.zero_point)
 
 
 @contextmanager
@@ -107,6 +147,12 @@ class FimaQ(QDrop):
 
     name = "fima_q"
     Options = FimaQOptions
+
+    def calibrate_(self, model: nn.Module, data: CalibrationData) -> None:
+        """APHQ-ViT's calibration, then (``token_wise``) the per-token scales of ``token_channel_wise``."""
+        super().calibrate_(model, data)
+        if self.options.token_wise:
+            widen_scales_(token_wise_shapes(model, data))
 
     def reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
                     generator: torch.Generator | None = None) -> None:
