@@ -38,6 +38,7 @@ METHOD_ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "aphq_vit": ("APHQ-ViT", ("APHQ-ViT", "GLF-Q (2026 preprint)")),
     "qdrop": ("QDrop (reproduced by APHQ authors)", ("APHQ-ViT",)),  # the APHQ-ViT code base's QDrop, as implemented
     "ias_vit": ("I&S-ViT", ("I&S-ViT", "APHQ-ViT", "GLF-Q (2026 preprint)")),
+    "fima_q": ("FIMA-Q", ("FIMA-Q",)),  # its official README's results table (the configs' rank k = 5, see its doc)
 }
 
 #: (harness method, boolean option) -> the published method of a run with that option on, as in METHOD_ALIASES.
