@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -76,3 +77,9 @@ def test_token_wise_scales_match_official_code_on_tiny_vit() -> None:
     weights = weight_diffs(model, fixture)
     assert len(weights) == 22 and max(d.max_abs for d in weights) == 0.0
     assert (logits - torch.from_numpy(fixture["logits/q"])).abs().max().item() < 0.05
+
+
+def test_task_without_logits_refused() -> None:
+    data = dataclasses.replace(image_calibration(torch.zeros(2, 3, 32, 32)), logits=False)
+    with pytest.raises(ConfigError, match="class logits"):
+        build_method("fima_q", BitWidth(4, 4), iters=5).quantize(tiny_vit(), data)

@@ -148,6 +148,11 @@ class FimaQ(QDrop):
     name = "fima_q"
     Options = FimaQOptions
 
+    def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        if self.options.iters > 0 and not data.logits:
+            raise ConfigError(f"{self.name}'s Fisher refresh differentiates a KL of class logits: this task's forward returns none")
+        return super()._quantize(model, data)
+
     def calibrate_(self, model: nn.Module, data: CalibrationData) -> None:
         """APHQ-ViT's calibration, then (``token_wise``) the per-token scales of ``token_channel_wise``."""
         super().calibrate_(model, data)
