@@ -102,3 +102,20 @@ def test_non_uniform_and_fractional_grids_stay_float_with_the_reason() -> None:
     assert weight.values.dtype == torch.int8 and int(weight.values.abs().max()) <= 15 and not weight.offset.any()
     assert len(sites) == 74 and all(s.runs == "int8" or s.reason for s in sites.values())
     assert sum(s.runs == "int8" for s in sites.values()) == 26
+
+
+def test_scales_spread_per_token_are_never_read_as_one_input_scale() -> None:
+    """FIMA-Q spreads a per-tensor input scale over tokens after calibration (shape (N, 1)): the exported grid names
+    the axis it varies along, and the site stays float instead of taking the first token's scale."""
+    from ptq_bench.deploy.sites import input_grid
+    from ptq_bench.quant.uniform import UniformQuantizer
+
+    quantizer = UniformQuantizer(8, granularity="tensor")
+    quantizer.calibrate(torch.randn(2, 5, 4))
+    per_tensor = quantizer.export()
+    assert per_tensor.axis is None and input_grid(quantizer)[0] is not None
+    quantizer.scale = quantizer.scale.reshape(1, 1).expand(5, 1).clone() * torch.linspace(1, 2, 5).reshape(5, 1)
+    spread = quantizer.export()
+    assert spread.axis == -2 and "varies along dims [-2]" in spread.note
+    grid, reason = input_grid(quantizer)
+    assert grid is None and reason.startswith("input: per-channel activation grid")

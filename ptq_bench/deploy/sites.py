@@ -81,7 +81,7 @@ def input_grid(quantizer: Quantizer | None) -> tuple[InputGrid | None, str]:
     grid, reason = _grid_refusal(quantizer, "input")
     if grid is None:
         return None, reason
-    if grid.axis is not None and grid.scale.numel() > 1:
+    if grid.scale.numel() > 1 or grid.zero_point.numel() > 1:
         return None, "input: per-channel activation grid (the int8 kernels take one input scale)"
     span = grid.qmax - grid.qmin
     zero_point = int(grid.zero_point.reshape(-1)[0].item()) - grid.qmin

@@ -133,8 +133,12 @@ class UniformQuantizer(Quantizer):
             return QuantGrid("dynamic_affine", self.bits, qmin=self.qmin, qmax=self.qmax, axis=-1,
                              note="per-token min-max computed at run time")
         axis = None if self.granularity == "tensor" else self.channel_dim
+        varying = [d - self.scale.dim() for d, n in enumerate(self.scale.shape) if n > 1]
+        note = ""
+        if len(varying) > (0 if axis is None else 1):  # scales a method spread further (FIMA-Q's per-token scales)
+            axis, note = varying[0], f"scale varies along dims {varying} (broadcast against the input), not one axis"
         return QuantGrid("affine", self.bits, self.scale.detach().clone(), self.zero_point.detach().clone(),
-                         self.qmin, self.qmax, axis)
+                         self.qmin, self.qmax, axis, note=note)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.granularity == "token":
