@@ -55,20 +55,10 @@ class AphqCalibration(AdaLog):
     conv_search = PercentileConvSearch
 
     def placement(self) -> dict[str, QuantizerSpec | None]:
-        per_tensor = QuantizerSpec("uniform", "a", {"granularity": "tensor"})
-        per_head = QuantizerSpec("uniform", "a", {"granularity": "channel", "channel_dim": 1})
-        per_channel = QuantizerSpec("uniform", "a", {"granularity": "channel", "channel_dim": -1})
-        return {
-            "weight": QuantizerSpec("uniform", "w", {"granularity": "channel", "channel_dim": 0}),
-            "patch_embed": None,  # qconv_a_bit = 8: the official conv leaves its input unquantized
-            "conv": None,
-            "post_layernorm": per_channel if self.reparameterize else per_tensor,
-            "post_softmax": per_head,
-            "query": per_head,
-            "key": per_head,
-            "value": per_head,
-            "activation": per_tensor,
-        }
+        """AdaLog's table with uniform grids in place of its log quantizers: per head on the post-Softmax map, the
+        per-tensor activation grid after GELU."""
+        table = {role: spec for role, spec in super().placement().items() if role != "post_gelu"}
+        return table | {"post_softmax": QuantizerSpec("uniform", "a", {"granularity": "channel", "channel_dim": 1})}
 
     def settings(self) -> SearchSettings:
         o = self.options
