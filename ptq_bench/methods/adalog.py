@@ -68,9 +68,11 @@ from ptq_bench.models.prepare import layernorm_linear_pairs
 from ptq_bench.quant.adalog import AdaLogQuantizer, ShiftAdaLogQuantizer, fold_shift_into_bias_
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ptq_bench.quant.uniform import UniformQuantizer
+from ptq_bench.transforms.adaround import RoundingAnnealing
 from ptq_bench.transforms.block_capture import StopForward, forward_until_stopped
 from ptq_bench.transforms.invariants import keeps_fp_function
 from ptq_bench.transforms.reparam import channel_transform, folded_pairs
+from ptq_bench.transforms.unit_training import UnitTraining
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +191,11 @@ class AdaLog(Method):
     def retrain_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
                  generator: torch.Generator | None = None) -> None:
         """The reconstruction on ``data`` (batches from ``generator``, by default seeded with the run's seed)."""
-        from ptq_bench.methods.adalog_retrain import RetrainSettings, retrain_  # see _quantize
+        from ptq_bench.methods.adalog_retrain import retrain_  # see _quantize
         o = self.options
-        settings = RetrainSettings(o.optim_batch_size, o.iters, o.lr_round, o.lr_act, o.round_weight, o.b_start, o.b_end, o.warmup)
-        retrain_(model, fp_model, data, settings, generator or torch.Generator().manual_seed(self.seed), self.progress, self.name)
+        training = UnitTraining(o.iters, o.optim_batch_size, o.lr_round, o.lr_act, o.round_weight,
+                                RoundingAnnealing(o.iters, o.warmup, o.b_start, o.b_end))
+        retrain_(model, fp_model, data, training, generator or torch.Generator().manual_seed(self.seed), self.progress, self.name)
 
     @torch.no_grad()
     def search_(self, model: nn.Module, data: CalibrationData) -> nn.Module:

@@ -22,7 +22,6 @@ The optimization loop is the shared one (:func:`ptq_bench.transforms.reconstruct
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,12 +33,12 @@ from ptq_bench.methods.qdrop import fp_copy, head_loss, lp_loss, reconstruction_
 from ptq_bench.quant.adalog import AdaLogQuantizer
 from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.adaround import RoundingAnnealing, adaround_layers
+from ptq_bench.transforms.adaround import adaround_layers
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.qdrop import skip_loader_seeds
 from ptq_bench.transforms.unit_training import UnitTraining, train_unit
 
-__all__ = ["RetrainSettings", "activation_quantizers", "fp_copy", "retrain_"]
+__all__ = ["activation_quantizers", "fp_copy", "retrain_"]
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +46,12 @@ log = logging.getLogger(__name__)
 MSE_DIVISOR = 10
 
 
-@dataclass(frozen=True)
-class RetrainSettings:
-    """``reconstruct_single_block``'s arguments (conf/method/adalog.yaml holds the values)."""
-
-    batch_size: int
-    iters: int
-    lr_round: float
-    lr_act: float
-    round_weight: float
-    b_start: float
-    b_end: float
-    warmup: float
-
-
 def activation_quantizers(unit: nn.Module) -> list[Quantizer]:
     """The quantizers whose scale the official ``a_params`` holds: every enabled activation quantizer of the unit."""
     return [q for q in unit.modules() if isinstance(q, (UniformQuantizer, AdaLogQuantizer)) and q.role != "weight" and q.enabled]
 
 
-def retrain_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, settings: RetrainSettings,
+def retrain_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, training: UnitTraining,
              generator: torch.Generator, progress: bool = False, name: str = "adalog") -> None:
     """``reconstruct_model``: every unit of ``model`` in order, against ``fp_model``'s units on ``data``."""
     fp_units = dict(reconstruction_units(fp_model))
@@ -76,18 +61,18 @@ def retrain_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, setti
     try:
         units = [(unit_name, unit) for unit_name, unit in reconstruction_units(model) if adaround_layers(unit)]
         for unit_name, unit in tqdm(units, desc=f"{name} units", disable=not progress):
-            fp_in = capture_block_inputs(fp_model, fp_units[unit_name], data, settings.batch_size)
+            fp_in = capture_block_inputs(fp_model, fp_units[unit_name], data, training.batch_size)
             if not isinstance(fp_in, torch.Tensor):
                 raise ConfigError(f"{name}: unit {unit_name} takes extra arguments or samples of different shapes")
-            target = block_outputs(fp_units[unit_name], fp_in, settings.batch_size)
+            target = block_outputs(fp_units[unit_name], fp_in, training.batch_size)
             skip_loader_seeds(generator, 1)  # init_block_raw_inp_outp: one pass over the loader
-            _retrain_unit(unit_name, unit, fp_in, target, settings, generator, progress, name)
+            _retrain_unit(unit_name, unit, fp_in, target, training, generator, progress, name)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
 
 
-def _retrain_unit(unit_name: str, unit: nn.Module, fp_in: torch.Tensor, target: torch.Tensor, s: RetrainSettings,
+def _retrain_unit(unit_name: str, unit: nn.Module, fp_in: torch.Tensor, target: torch.Tensor, training: UnitTraining,
                   generator: torch.Generator, progress: bool, name: str) -> None:
     is_head = unit_name == "head"
 
@@ -95,8 +80,6 @@ def _retrain_unit(unit_name: str, unit: nn.Module, fp_in: torch.Tensor, target: 
         out, y = unit(fp_in[idx]), target[idx]
         return head_loss(out, y) if is_head else lp_loss(out, y) / MSE_DIVISOR
 
-    training = UnitTraining(s.iters, s.batch_size, s.lr_round, s.lr_act, s.round_weight,
-                            RoundingAnnealing(s.iters, s.warmup, s.b_start, s.b_end))
     history = train_unit(unit, fp_in, target, rec_loss, activation_quantizers(unit), training, generator,
                          f"reconstruct {unit_name}", progress)
     if history:

@@ -33,10 +33,9 @@ from ptq_bench.methods.base import METHODS
 from ptq_bench.methods.qdrop import QDrop, QDropOptions, RecLoss, head_loss
 from ptq_bench.quant.layers import QuantLinear, QuantMatMul
 from ptq_bench.quant.uniform import UniformQuantizer
-from ptq_bench.transforms.adaround import RoundingAnnealing
 from ptq_bench.transforms.fisher_loss import FisherDPLRLoss
 from ptq_bench.transforms.qdrop import dropping_activations, mixed_inputs, skip_loader_seeds
-from ptq_bench.transforms.unit_training import UnitTraining, train_unit
+from ptq_bench.transforms.unit_training import train_unit
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +191,6 @@ class FimaQ(QDrop):
             step["it"] += 1
             return rec_loss(unit(x), target[idx], idx)
 
-        training = UnitTraining(o.iters, o.batch_size, o.lr_round, o.lr_act, o.round_weight,
-                                RoundingAnnealing(o.iters, o.warmup, o.b_start, o.b_end))
-        history = train_unit(unit, q_in, target, loss, activations, training, generator, f"reconstruct {name}",
+        history = train_unit(unit, q_in, target, loss, activations, self.unit_training(), generator, f"reconstruct {name}",
                              self.progress, during=dropping_activations(activations, o.drop_prob, masks))
         log.info("%s %s: loss %.4g -> %.4g", self.name, name, history[0], history[-1])

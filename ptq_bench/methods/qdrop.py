@@ -174,6 +174,12 @@ class QDrop(AphqCalibration):
         and output, and its quantized input (not for the patch embedding)."""
         return 1 if name == "patch_embed" else 2
 
+    def unit_training(self) -> UnitTraining:
+        """The options of every unit's training (``reconstruct_single_block``'s arguments)."""
+        o = self.options
+        return UnitTraining(o.iters, o.batch_size, o.lr_round, o.lr_act, o.round_weight,
+                            RoundingAnnealing(o.iters, o.warmup, o.b_start, o.b_end))
+
     def unit_loss(self, name: str, fp_model: nn.Module, fp_unit: nn.Module, data: CalibrationData) -> RecLoss:
         """The reconstruction loss of one unit: ``lp_loss`` (``optim_metric = 'mse'``), the head's KL."""
         if name == "head":
@@ -196,8 +202,6 @@ class QDrop(AphqCalibration):
                 state["init"] = rec.item()
             return rec * 2 / state["init"]
 
-        training = UnitTraining(o.iters, o.batch_size, o.lr_round, o.lr_act, o.round_weight,
-                                RoundingAnnealing(o.iters, o.warmup, o.b_start, o.b_end))
-        history = train_unit(unit, q_in, target, normalized, activations, training, generator, f"reconstruct {name}",
+        history = train_unit(unit, q_in, target, normalized, activations, self.unit_training(), generator, f"reconstruct {name}",
                              self.progress, during=dropping_activations(activations, o.drop_prob, masks))
         log.info("%s %s: loss %.4g -> %.4g", self.name, name, history[0], history[-1])

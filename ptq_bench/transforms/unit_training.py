@@ -11,9 +11,10 @@ in the loss, the inputs and what happens around the loop (``during``: e.g. dropp
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ def train_unit(
     generator: torch.Generator,
     desc: str = "",
     progress: bool = False,
-    during: ContextManager = nullcontext(),
+    during: Optional[AbstractContextManager] = None,
 ) -> list[float]:
     """Train ``unit``'s rounding and ``activations``' step sizes on ``rec_loss(batch indices)``; returns the loss
     history. ``inputs``/``target`` give the sample count and device (the loss indexes what it needs)."""
@@ -77,7 +78,7 @@ def train_unit(
             step = ReconStep(torch.optim.Adam([r.alpha for r in rounders], lr=t.lr_round),
                              torch.arange(inputs.shape[0], device=inputs.device),
                              before=act_opt.zero_grad if act_opt else None, after=act_step, always_shuffle=True)
-            with during:
+            with during or nullcontext():
                 history = reconstruct_block(unit, inputs, target, [step], t.iters, t.batch_size, generator, objective,
                                             desc=desc, progress=progress)
             for r in rounders:
