@@ -33,7 +33,7 @@ from torch import nn
 
 from ptq_bench.errors import ConfigError, PTQBenchError
 from ptq_bench.harness import calibrate, check_checkpoint_path, prepare, run_label, seed_everything
-from ptq_bench.models import find_blocks, named_quantizers
+from ptq_bench.models import find_blocks, named_quantizers, only_quantizers
 from ptq_bench.paths import REPO, conf_path
 from ptq_bench.protocol import apply_protocol
 from ptq_bench.quant.base import Quantizer
@@ -57,20 +57,6 @@ def quantizer_groups(model: nn.Module, grouping: str) -> dict[str, list[Quantize
     return groups
 
 
-def evaluate_with(task: Any, model: nn.Module, settings: Any, fp_model: nn.Module, label: str,
-                  enabled: set[int]) -> dict[str, Any]:
-    """The task's metrics with exactly the quantizers whose ``id`` is in ``enabled`` on; every flag is restored."""
-    quantizers = [q for _, q in named_quantizers(model)]
-    flags = [q.enabled for q in quantizers]
-    try:
-        for quantizer in quantizers:
-            quantizer.enabled = id(quantizer) in enabled
-        return task.evaluate(model, settings.device, label, fp_model)
-    finally:
-        for quantizer, flag in zip(quantizers, flags):
-            quantizer.enabled = flag
-
-
 def sensitivity(cfg: DictConfig, grouping: str = "block") -> pd.DataFrame:
     """Calibrate the run ``cfg`` describes once and evaluate it per group (``only`` and ``all_but``): one row per
     group plus ``all`` (every quantizer on, the run's own number) and ``none`` (every quantizer off)."""
@@ -89,19 +75,20 @@ def sensitivity(cfg: DictConfig, grouping: str = "block") -> pd.DataFrame:
     fp_model = copy.deepcopy(model).eval()
     model, _ = calibrate(task, method, settings, model)
     groups = quantizer_groups(model, grouping)
-    every = {id(q) for quantizers in groups.values() for q in quantizers}
+    every = {q for quantizers in groups.values() for q in quantizers}
     label = run_label(cfg, method)
     metric = task.primary_metric
 
-    def measure(name: str, enabled: set[int]) -> dict[str, Any]:
-        metrics = evaluate_with(task, model, settings, fp_model, f"{label} {name}", enabled)
+    def measure(name: str, enabled: set[Quantizer]) -> dict[str, Any]:
+        with only_quantizers(model, enabled):
+            metrics = task.evaluate(model, settings.device, f"{label} {name}", fp_model)
         return {metric: metrics[metric], **{k: metrics[k] for k in FIDELITY if k in metrics}}
 
     reference = {"all": measure("all", every), "none": measure("none", set())}
     rows = [{"group": name, "quantizers": len(every) if name == "all" else 0, **{f"only_{k}": v for k, v in values.items()}}
             for name, values in reference.items()]
     for name, quantizers in groups.items():
-        own = {id(q) for q in quantizers}
+        own = set(quantizers)
         only, all_but = measure(f"only {name}", own), measure(f"all but {name}", every - own)
         rows.append({"group": name, "quantizers": len(quantizers), **{f"only_{k}": v for k, v in only.items()},
                      **{f"all_but_{k}": v for k, v in all_but.items()}})

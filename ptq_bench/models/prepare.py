@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Collection, ContextManager, Iterator, Optional
 
 from torch import nn
 
@@ -123,16 +123,21 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 @contextmanager
-def quantizers_off(model: nn.Module) -> Iterator[None]:
-    """Every quantizer off inside the context (the FP function); each one's own flag is restored on exit."""
+def only_quantizers(model: nn.Module, enabled: Collection[Quantizer]) -> Iterator[None]:
+    """Exactly the quantizers in ``enabled`` on inside the context; each one's own flag is restored on exit."""
     flags = [(q, q.enabled) for _, q in named_quantizers(model)]
     for q, _ in flags:
-        q.enabled = False
+        q.enabled = q in enabled
     try:
         yield
     finally:
         for q, flag in flags:
             q.enabled = flag
+
+
+def quantizers_off(model: nn.Module) -> ContextManager[None]:
+    """Every quantizer off inside the context (the FP function); each one's own flag is restored on exit."""
+    return only_quantizers(model, ())
 
 
 @contextmanager
