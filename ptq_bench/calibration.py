@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -58,6 +59,16 @@ class CalibrationData:
     def forward(self, model: nn.Module, batch: Any) -> Any:
         """Run ``model`` on ``batch`` the task's way (the only place a method's model is called)."""
         return self.forward_fn(model, batch)
+
+    def probe(self, model: nn.Module, handles: list[RemovableHandle]) -> None:
+        """One forward of the first sample without gradients, read through the hooks ``handles`` belong to (shapes,
+        sizes, call counts); the hooks are removed afterwards, also on an error."""
+        try:
+            with torch.no_grad():
+                self.forward(model, self.batch(0, 1))
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def run(self, model: nn.Module, batch_size: int | None = None, limit: int | None = None) -> None:
         """Forward every batch (outputs discarded): the calibration pass of quantizers that fit on first use."""

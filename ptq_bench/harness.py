@@ -27,6 +27,7 @@ from ptq_bench.bits import layer_bits
 from ptq_bench.checks import boolean, integer, writable_directory
 from ptq_bench.compiled_eval import evaluating
 from ptq_bench.deploy import check_deploy
+from ptq_bench.deploy.measure import Recorder
 from ptq_bench.distributed import is_main_process
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import METHODS, BitWidth, Method, build_method
@@ -299,7 +300,9 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     model, calibration = calibrate(task, method, settings, model)
     eval_start = time.perf_counter()
     with evaluating(model, settings.eval_compile) as (evaluated, calls):
-        metrics = task.evaluate(evaluated, settings.device, label, fp_model)
+        # deploy=<backend>: the fake-quant outputs are kept, the integer model's reference (one evaluation, not two)
+        reference = Recorder(evaluated) if backend is not None else None
+        metrics = task.evaluate(reference or evaluated, settings.device, label, fp_model)
     eval_seconds = time.perf_counter() - eval_start
     check_ran(calls)
 
@@ -314,7 +317,7 @@ def run(cfg: DictConfig, overrides: list[str], output_dir: Path, gpu_slot: Optio
     if backend is not None:
         from ptq_bench.deploy.evaluate import deploy_section
 
-        measured["deploy"] = deploy_section(task, model, settings.device, label, backend)
+        measured["deploy"] = deploy_section(task, model, reference, metrics, settings.device, label, backend)
     record = build_record(cfg, overrides, output_dir, key, task, method, settings, protocol.as_record(), measured)
     if not is_main_process():  # torchrun: every rank evaluated its share; rank 0 writes and logs the one record
         return record

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/pins.py holds the pin tests' shared assertions: pytest explains their failures as it does a test's
+pytest.register_assert_rewrite("pins")
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1)
 

@@ -1,15 +1,21 @@
 """APHQ-ViT: the recipe's placement and options, the fork's searches, and pins against the official code's
-calibration on a tiny ViT (tests/fixtures/aphq_vit_tiny_w*a*.npz, GoatWu/APHQ-ViT @ 84c9fde)."""
+calibration and whole pipeline on a tiny ViT and a tiny Swin (tests/fixtures/aphq_vit_tiny_w*a*.npz,
+aphq_vit_swin_tiny_w4a4_it4.npz; GoatWu/APHQ-ViT @ 84c9fde)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from test_repq_vit import synthetic_batch, tiny_vit
+from pins import (
+    assert_weights_equal,
+    calibrate_and_reconstruct,
+    load_fixture,
+    oracle_batches,
+    quantize_and_evaluate,
+    synthetic_batch,
+    tiny_swin,
+    tiny_vit,
+)
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.compare import qparam_diffs
@@ -22,7 +28,6 @@ from ptq_bench.methods.aphq_vit_search import (
     bounds_grid,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
 #: the official patch-embedding input quantizer exists but never acts at qconv_a_bit = 8
 UNUSED = ("patch_embed.proj.a_quantizer.",)
 #: the calibration alone (no reconstruction)
@@ -73,16 +78,12 @@ def test_conv_percentiles() -> None:
 
 
 def _pin(fixture_name: str, **options) -> None:
-    with np.load(FIXTURES / fixture_name) as z:
-        fixture = {k: z[k] for k in z.files}
-    meta = json.loads(str(fixture["meta"]))
+    fixture, meta = load_fixture(fixture_name)
     model = tiny_vit()
-    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
-    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    batches = oracle_batches(meta)
     with torch.no_grad():
-        assert torch.equal(model(evalx), torch.from_numpy(fixture["logits/fp"]))
-        build_method("aphq_vit", BitWidth(meta["w_bits"], meta["a_bits"]), **options).quantize(model, image_calibration(calib))
-        logits = model(evalx)
+        assert torch.equal(model(batches.eval), torch.from_numpy(fixture["logits/fp"]))
+    logits = quantize_and_evaluate(build_method("aphq_vit", BitWidth(meta["w_bits"], meta["a_bits"]), **options), model, batches)
     diffs = qparam_diffs(model, fixture, UNUSED)
     assert len(diffs) == meta["n_qparams"] - 1 == 54
     worst = max(diffs, key=lambda d: d.max_abs)
@@ -118,23 +119,15 @@ def test_full_pipeline_matches_official_code_on_tiny_vit(bits: int) -> None:
     steps each, the generator seeded 7 before each reconstruction as the oracle reseeds the global one): the ReLU MLPs'
     weights, all 54 quantizer tensors, every weight and bias and the quantized logits equal the official run's bit for
     bit (clamp gradient of torch <= 2.13 at the grid bounds, as the official README's torch 1.10; see test_qdrop.py)."""
-    from ptq_bench.methods.qdrop import fp_copy
-
-    with np.load(FIXTURES / f"aphq_vit_tiny_w{bits}a{bits}_it4.npz") as z:
-        fixture = {k: z[k] for k in z.files}
-    meta = json.loads(str(fixture["meta"]))
+    fixture, meta = load_fixture(f"aphq_vit_tiny_w{bits}a{bits}_it4.npz")
     model = tiny_vit()
-    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
-    optim = image_calibration(synthetic_batch(meta["seed"] + 3000, meta["optim_size"], (3, 32, 32)))
-    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    batches = oracle_batches(meta)
     method = build_method("aphq_vit", BitWidth(meta["w_bits"], meta["a_bits"]), iters=meta["iters"], mlp_iters=meta["iters"])
-    fp = fp_copy(model)
-    method.prepare_fp_(model, fp, optim, torch.Generator().manual_seed(meta["reseed"]))
-    assert isinstance(model.blocks[0].mlp.act, torch.nn.ReLU) and not isinstance(fp.blocks[0].mlp.act, torch.nn.ReLU)
-    method.calibrate_(model, image_calibration(calib))
-    method.reconstruct(model, fp, optim, torch.Generator().manual_seed(meta["reseed"]))
-    with torch.no_grad():
-        logits = model(evalx)
+
+    def relu_mlps(model: torch.nn.Module, fp: torch.nn.Module) -> None:  # after prepare_fp_, before the calibration
+        assert isinstance(model.blocks[0].mlp.act, torch.nn.ReLU) and not isinstance(fp.blocks[0].mlp.act, torch.nn.ReLU)
+
+    logits = calibrate_and_reconstruct(method, model, batches, meta["reseed"], after_prepare=relu_mlps)
     diffs = qparam_diffs(model, fixture, UNUSED)
     assert len(diffs) == meta["n_qparams"] - 1 == 54 and max(d.max_abs for d in diffs) == 0.0
     state = model.state_dict()
@@ -143,3 +136,37 @@ def test_full_pipeline_matches_official_code_on_tiny_vit(bits: int) -> None:
     for name in weights:
         assert torch.equal(state[name], torch.from_numpy(fixture[f"q_weight/{name}"])), name
     assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
+
+
+def test_full_pipeline_matches_official_code_on_tiny_swin() -> None:
+    """configs/4bit/best.py with --reconstruct-mlp on the tiny Swin of test_qdrop.py with seeded_state_dict weights
+    (timm's init gives logits of about 0.05, so the perturbation Hessians are about 1e-20, their squares underflow and
+    the MLP reconstruction's unit-RMS scaling gives NaN weights, in the official run as in ours: a pre-norm network's
+    LayerNorms cancel a shift of every element, so the Hessian is float rounding noise). Calibration on 4 images, MLP
+    and block reconstruction on 8, 4 steps each, generator seeded 7 before each. The ReLU MLPs, all 106 quantizer
+    tensors, all 50 changed weights and biases and the quantized logits bit-identical (the literal gradient of
+    test_qdrop.py's Swin pin; the fused node left one post-Softmax scale one float step apart)."""
+    fixture, meta = load_fixture("aphq_vit_swin_tiny_w4a4_it4.npz")
+    model = tiny_swin(seeded=True)
+    batches = oracle_batches(meta)
+    with torch.no_grad():
+        assert torch.equal(model(batches.eval), torch.from_numpy(fixture["logits/fp"]))
+    method = build_method("aphq_vit", BitWidth(meta["w_bits"], meta["a_bits"]), iters=meta["iters"], mlp_iters=meta["iters"],
+                          calib_batch_size=meta["calib_size"])  # the oracle's --calib-batch-size (test_qdrop.py)
+    logits = calibrate_and_reconstruct(method, model, batches, meta["reseed"])
+    diffs = qparam_diffs(model, fixture, UNUSED)
+    assert len(diffs) == meta["n_qparams"] - 1 == 106 and max(d.max_abs for d in diffs) == 0.0
+    assert_weights_equal(model, fixture, 50)
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
+
+
+def test_underflowing_hessian_refused() -> None:
+    """timm's init of the tiny Swin: MLP Hessians of about 1e-20 cannot be scaled to unit RMS in float32 (the
+    official code trains NaN weights there): refused, naming the block."""
+    from ptq_bench.methods.qdrop import fp_copy
+
+    model = tiny_swin()
+    fp = fp_copy(model)
+    method = build_method("aphq_vit", BitWidth(4, 4), iters=1, mlp_iters=1)
+    with pytest.raises(ConfigError, match="layers.0.blocks.0: the perturbation Hessian"):
+        method.prepare_fp_(model, fp, image_calibration(synthetic_batch(3000, 8, (3, 32, 32))))

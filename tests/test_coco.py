@@ -25,6 +25,7 @@ from mmdet.datasets import CocoDataset  # noqa: E402
 
 from ptq_bench.calibration import CalibrationData  # noqa: E402
 from ptq_bench.errors import DataError  # noqa: E402
+from ptq_bench.methods import BitWidth, build_method  # noqa: E402
 from ptq_bench.models import calibrating, layernorm_linear_pairs, named_quantizers, prepare_, set_quantizers_enabled  # noqa: E402
 from ptq_bench.quant import UniformQuantizer  # noqa: E402
 from ptq_bench.results.store import RecordStore  # noqa: E402
@@ -372,3 +373,46 @@ def test_annotation_categories_must_be_the_detectors_classes(tmp_path, coco_root
     task = task_for(trimmed, tiny_config)
     with pytest.raises(DataError, match=r"categories are not the detector's 80 classes \(missing 78"):
         task.check_data(0)
+
+
+def test_erq_reduces_a_head_shared_by_the_fpn_levels_on_the_rows_of_every_level(built):
+    """ERQ's Aqer/Wqer of a layer use its FP input rows (the official code: its first call, the only one in a ViT).
+    The RPN head runs once per FPN level: it is reduced once, after the pass, on the rows of all five levels."""
+    from ptq_bench.methods.erq import ERQ
+
+    _, model, data = built
+    quantized = copy.deepcopy(model)
+    method = build_method("erq", BitWidth(4, 4), act_calib_size=2)
+    reduced: list[tuple[str, int]] = []
+    names = {id(m): n for n, m in quantized.named_modules()}
+    original = ERQ._reduce_errors_
+
+    def record(self, layer, x_rows, y_rows, two_d):
+        reduced.append((names[id(layer)], x_rows.shape[0]))
+        original(self, layer, x_rows, y_rows, two_d)
+
+    with torch.no_grad():
+        inputs = quantized.data_preprocessor(data.batch(0, len(data)), False)["inputs"]
+        levels = quantized.neck(quantized.backbone(inputs))
+    ERQ._reduce_errors_ = record
+    try:
+        with torch.no_grad():
+            method.quantize(quantized, data)
+    finally:
+        ERQ._reduce_errors_ = original
+    counts = dict(reduced)
+    assert len(counts) == len(reduced)  # every layer reduced exactly once
+    assert counts["rpn_head.rpn_conv"] == sum(level.shape[0] * level.shape[2] * level.shape[3] for level in levels)
+    assert counts["backbone.stages.0.blocks.0.attn.w_msa.qkv"] == inputs.shape[0] * inputs.shape[2] * inputs.shape[3] // 16
+
+
+@pytest.mark.parametrize("method", ["qdrop", "aphq_vit"])
+def test_aphq_family_refuses_a_detector_before_any_work(built, method):
+    """The official detection fork calibrates and reconstructs otherwise (docs/methods/aphq_vit.md): refused up front."""
+    from ptq_bench.errors import ConfigError
+
+    _, model, data = built
+    target = copy.deepcopy(model)
+    with pytest.raises(ConfigError, match=f"{method} on a detector is not built"):
+        build_method(method, BitWidth(4, 4)).quantize(target, data)
+    assert not list(named_quantizers(target))  # nothing placed, nothing calibrated

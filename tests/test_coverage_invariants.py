@@ -175,3 +175,10 @@ def test_the_record_lists_each_fold_and_the_difference_it_measured() -> None:
     assert entry["folded"] == ["blocks.0.norm1 → blocks.0.attn.qkv", "blocks.0.norm2 → blocks.0.mlp.fc1",
                                "blocks.1.norm1 → blocks.1.attn.qkv", "blocks.1.norm2 → blocks.1.mlp.fc1"]
     assert 0.0 < entry["fp_relative_error"] < 1e-5 and entry["tolerance"] == RELATIVE_TOLERANCE
+
+
+def test_post_norm_refusal_names_the_skip_option_only_where_the_method_has_it() -> None:
+    with pytest.raises(ConfigError, match=r"\(method.post_norm=skip runs without it there\)"):
+        build_method("repq_vit", BitWidth(8, 8)).check(EncoderViT(norm_first=False))
+    with pytest.raises(ConfigError, match=r"is post-norm: .*\(this method folds every block\)$"):
+        build_method("erq", BitWidth(8, 8)).check(EncoderViT(norm_first=False))

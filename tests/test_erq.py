@@ -3,12 +3,9 @@ refinement), refusals, and a pin against the official code on a tiny ViT (tests/
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from pins import load_fixture, oracle_batches, quantize_and_evaluate, synthetic_batch, tiny_vit
 
 from ptq_bench.calibration import image_calibration, tensor_sha256
 from ptq_bench.compare import qparam_diffs
@@ -19,9 +16,6 @@ from ptq_bench.quant.erq import fake_quantize, outlier_columns
 from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.quant.observers import ranks_in_input_dtype
 from ptq_bench.transforms.ridge import activation_error_ridge, progressive_quantize, refine_rounding, with_ones
-from test_repq_vit import synthetic_batch, tiny_vit
-
-FIXTURE = Path(__file__).parent / "fixtures" / "erq_tiny_w4a4.npz"
 
 
 def calibrated(name: str, weight: torch.Tensor, bits: int = 4):
@@ -147,20 +141,18 @@ def test_bad_options_are_refused(override, message) -> None:
 def test_matches_official_code_on_tiny_vit() -> None:
     """Every quantizer parameter (two-part grids and their column split included), every final weight and bias after
     Aqer and Wqer, and the quantized logits equal the official code's bit for bit (zysxmu/ERQ @ 2f5b4ce, run by
-    shared/oracles/erq_oracle.py --tiny on this ViT; see the fixture's ``meta``)."""
+    $PEER_ROOT/oracles/erq_oracle.py --tiny on this ViT, the peer root being ../peers beside the clone by default;
+    see the fixture's ``meta``)."""
     if ranks_in_input_dtype():
         pytest.skip("the fixture was made under torch 2.14 (torch.quantile ranks in double); regenerate it with "
-                    "shared/oracles/erq_oracle.py --tiny and python -m ptq_bench.compare --write-fixture")
-    with np.load(FIXTURE) as z:
-        fixture = {k: z[k] for k in z.files}
-    meta = json.loads(str(fixture["meta"]))
+                    "$PEER_ROOT/oracles/erq_oracle.py --tiny (default ../peers/oracles) and python -m ptq_bench.compare "
+                    "--write-fixture")
+    fixture, meta = load_fixture("erq_tiny_w4a4.npz")
     model = tiny_vit()
-    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
-    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    batches = oracle_batches(meta)
     with torch.no_grad():
-        assert torch.allclose(model(evalx), torch.from_numpy(fixture["logits/fp"]), atol=1e-5)
-        build_method("erq", BitWidth(meta["w_bits"], meta["a_bits"]), coe=meta["coe"]).quantize(model, image_calibration(calib))
-        logits = model(evalx)
+        assert torch.allclose(model(batches.eval), torch.from_numpy(fixture["logits/fp"]), atol=1e-5)
+    logits = quantize_and_evaluate(build_method("erq", BitWidth(meta["w_bits"], meta["a_bits"]), coe=meta["coe"]), model, batches)
     diffs = qparam_diffs(model, fixture)
     assert len(diffs) == meta["n_qparams"] == 68
     assert max(d.max_abs for d in diffs) == 0.0, max(diffs, key=lambda d: d.max_abs)

@@ -240,7 +240,7 @@ def test_log_straight_through_gradient(kind):
 def test_repq_vit_run_is_bit_identical_with_the_literal_forms(softmax: str, monkeypatch):
     """RepQ-ViT on the official pin's tiny ViT: calibration and logits with the fast paths equal those with every
     quantizer forced onto its literal form (six passes, level table)."""
-    from test_repq_vit import synthetic_batch, tiny_vit
+    from pins import synthetic_batch, tiny_vit
 
     from ptq_bench.calibration import image_calibration
     from ptq_bench.methods import BitWidth, build_method

@@ -1,18 +1,17 @@
 """FIMA-Q's DPLR Fisher reconstruction loss: the rank-1 case by hand, and equality with the official
 ``LossFunction('fisher_dplr')`` on seeded tensors (ShiheWang/FIMA-Q @ 64c4b00 through
-shared/oracles/fimaq_loss_oracle.py: two refreshes, two calls each)."""
+$PEER_ROOT/oracles/fimaq_loss_oracle.py, default ../peers/oracles beside the clone: two refreshes, two calls each)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pins import FIXTURES
 
 from ptq_bench.transforms.fisher_loss import FisherDPLRLoss
 
-FIXTURE = Path(__file__).parent / "fixtures" / "fimaq_loss.npz"
+FIXTURE = FIXTURES / "fimaq_loss.npz"
 
 
 def test_rank_one_by_hand_and_normalized_at_the_first_call_after_a_refresh():

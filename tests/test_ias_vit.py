@@ -1,19 +1,19 @@
 """I&S-ViT: its quantizer table, reconstruction units and loss, refusals, and pins of the whole three-stage pipeline
-against the official code on the tiny ViT (tests/fixtures/ias_vit_tiny_*.npz, made by shared/oracles/ias_oracle.py
---tiny from zysxmu/IaS-ViT @ 9300cea, with the global generator reseeded before every unit)."""
+against the official code on the tiny ViT (tests/fixtures/ias_vit_tiny_*.npz, made by $PEER_ROOT/oracles/ias_oracle.py
+--tiny, default ../peers/oracles beside the clone, from zysxmu/IaS-ViT @ 9300cea, with the global generator reseeded
+before every unit)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import REPO
 from omegaconf import OmegaConf
-from test_repq_vit import synthetic_batch, tiny_vit
+from pins import load_fixture, oracle_batches, synthetic_batch, tiny_vit
 from timm.models.swin_transformer import SwinTransformer
 
 from ptq_bench.calibration import image_calibration
@@ -32,8 +32,6 @@ from ptq_bench.transforms.sos import (
     unit_loss,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
 
 def _torch_as_the_fixtures() -> bool:
     """The fixtures were made under torch 2.14: torch.quantile ranks in double, and clamp's gradient is 0 at scalar
@@ -46,18 +44,16 @@ def _torch_as_the_fixtures() -> bool:
 def _run(name: str) -> tuple[dict[str, np.ndarray], dict, torch.nn.Module, torch.Tensor]:
     """The fixture, its meta, and our model quantized as the oracle run was (same images, iterations, batch, seed)."""
     if not _torch_as_the_fixtures():
-        pytest.skip("the fixtures were made under torch 2.14; regenerate them with shared/oracles/ias_oracle.py --tiny")
-    with np.load(FIXTURES / name) as z:
-        fixture = {k: z[k] for k in z.files}
-    meta = json.loads(str(fixture["meta"]))
+        pytest.skip("the fixtures were made under torch 2.14; regenerate them with "
+                    "$PEER_ROOT/oracles/ias_oracle.py --tiny (default ../peers/oracles)")
+    fixture, meta = load_fixture(name)
     model = tiny_vit()
-    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
-    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    batches = oracle_batches(meta)
     method = build_method("ias_vit", BitWidth(meta["w_bits"], meta["a_bits"]), seed=meta["reseed"], iters=meta["iters"],
                           batch_size=meta["batch_size"])
-    method.quantize(model, image_calibration(calib))
+    method.quantize(model, image_calibration(batches.calib))
     with torch.no_grad():
-        logits = model(evalx)
+        logits = model(batches.eval)
     return fixture, meta, model, logits
 
 

@@ -312,3 +312,31 @@ def test_aphqvit_table1_takes_its_own_transcription_and_fills_run_rows():
     assert paper.coverage(spec)["with_published_value"] == paper.coverage(spec)["cells"] == 133
     coco = paper.load_spec("aphqvit_coco")
     assert paper.coverage(coco)["cells"] == 8 * (1 + 7)
+
+
+def test_fimaq_readme_fills_its_cells_and_keeps_a_rank_15_run_apart():
+    """FIMA-Q's README table: a run at the configs' rank (k = 5) fills the cell with the delta against the README's
+    value; a run at the README checkpoints' rank 15 is another protocol and gets its own labelled row."""
+    records = [record("fima_q", "deit_tiny", (4, 4), 66.0), record("fima_q", "deit_tiny", (4, 4), 67.0, options={"k": 15})]
+    spec, cells = cells_of("fimaq_readme", records)
+    table = paper.wide(spec, cells)
+    assert table.loc["DeiT-T", "FIMA-Q W4/A4"] == "66.00 (66.84, -0.84)"
+    assert table.loc["Swin-B", "FIMA-Q W3/A3"] == "– (78.82)"
+    assert table.loc["DeiT-T", "FIMA-Q W4/A4 [k=15]"] == "67.00"
+    assert paper.coverage(spec) == {"cells": 21, "reproducible": 21, "published_only": 0, "with_published_value": 21}
+
+
+def test_aphqvit_coco_rows_take_erq_and_the_256_image_ias_vit_runs():
+    """APHQ-ViT Table 2: ERQ runs at its YAML; I&S-ViT's row is the 256-image run the experiment asks for (its YAML's
+    1,024 images do not fit a detector's block captures), and a run at the YAML's size is another protocol."""
+    def coco(method: str, ap: float, **options: Any) -> dict:
+        rec = record(method, "mask_rcnn_swin_t", (4, 4), 0.0, options=options or None, display="MaskRCNN-Swin-T")
+        return {**rec, "task": "coco", "primary_metric": "bbox_mAP", "metrics": {"bbox_mAP": ap, "segm_mAP": ap - 1}}
+
+    _, cells = cells_of("aphqvit_coco", [coco("erq", 36.0), coco("ias_vit", 37.0, calib_size=256), coco("ias_vit", 30.0)])
+    box = cells[(cells["column"] == "Mask R-CNN Swin-T") & (cells["metric_label"] == "APbox")]
+    texts = dict(zip(box["row"], box["text"]))
+    assert texts["ERQ"] == "36.00 (36.80, -0.80)" and texts["I&S-ViT"] == "37.00 (37.50, -0.50)"
+    assert texts["I&S-ViT [calib_size=1024]"] == "30.00"
+    jobs = grid("aphqvit_coco")
+    assert jobs[jobs["method"] == "ias_vit"]["protocol"].str.startswith("calib_size=256").all()

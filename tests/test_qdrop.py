@@ -1,23 +1,18 @@
 """QDrop (as the APHQ-ViT authors reproduce it): AdaRound and the QDrop mixing by hand, the official generator
-stream, and a pin of the whole reconstruction against the official code (tests/fixtures/qdrop_tiny_w4a4_it4.npz,
-GoatWu/APHQ-ViT @ 84c9fde)."""
+stream, and pins of the whole reconstruction against the official code on a tiny ViT and a tiny Swin
+(tests/fixtures/qdrop_tiny_w4a4_it4.npz, qdrop_swin_tiny_w4a4_it4.npz; GoatWu/APHQ-ViT @ 84c9fde)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from test_repq_vit import synthetic_batch, tiny_vit
+from pins import assert_weights_equal, calibrate_and_reconstruct, load_fixture, oracle_batches, tiny_swin, tiny_vit
 from torch import nn
 
-from ptq_bench.calibration import image_calibration
 from ptq_bench.compare import qparam_diffs
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods import BitWidth, build_method
-from ptq_bench.methods.qdrop import fp_copy, lp_loss
+from ptq_bench.methods.qdrop import lp_loss
 from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.adaround import (
@@ -32,9 +27,6 @@ from ptq_bench.transforms.qdrop import (
     mixed_inputs,
     skip_loader_seeds,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
 
 def _layer() -> QuantLinear:
     linear = nn.Linear(3, 2)
@@ -122,24 +114,35 @@ def test_reconstruction_matches_official_code_on_tiny_vit() -> None:
     seeded 7 before the reconstruction as the oracle reseeds the global one): every quantizer tensor, every baked
     weight and the quantized logits equal the official run's bit for bit. The official code ran with torch's
     clamp gradient of torch <= 2.13 at the bounds (its README pins torch 1.10), which ptq_bench/quant/ste.py fixes."""
-    with np.load(FIXTURES / "qdrop_tiny_w4a4_it4.npz") as z:
-        fixture = {k: z[k] for k in z.files}
-    meta = json.loads(str(fixture["meta"]))
+    fixture, meta = load_fixture("qdrop_tiny_w4a4_it4.npz")
     model = tiny_vit()
-    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
-    optim = synthetic_batch(meta["seed"] + 3000, meta["optim_size"], (3, 32, 32))
-    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    batches = oracle_batches(meta)
     method = build_method("qdrop", BitWidth(meta["w_bits"], meta["a_bits"]), iters=meta["iters"])
-    fp = fp_copy(model)
-    method.calibrate_(model, image_calibration(calib))
-    method.reconstruct(model, fp, image_calibration(optim), torch.Generator().manual_seed(meta["reseed"]))
-    with torch.no_grad():
-        logits = model(evalx)
+    logits = calibrate_and_reconstruct(method, model, batches, meta["reseed"])
     diffs = qparam_diffs(model, fixture, ("patch_embed.proj.a_quantizer.",))
     assert len(diffs) == meta["n_qparams"] - 1 == 54 and max(d.max_abs for d in diffs) == 0.0
-    state = model.state_dict()
-    weights = [k[len("q_weight/"):] for k in fixture if k.startswith("q_weight/")]
-    assert len(weights) == 15  # patch embedding, per block 2 LayerNorms (folded) and 4 Linears, head
-    for name in weights:
-        assert torch.equal(state[name], torch.from_numpy(fixture[f"q_weight/{name}"])), name
+    assert_weights_equal(model, fixture, 15)  # patch embedding, per block 2 LayerNorms (folded) and 4 Linears, head
+    assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))
+
+
+def test_reconstruction_matches_official_code_on_tiny_swin() -> None:
+    """The same recipe on the tiny Swin (AdaLog Swin pin's weights): units patch_embed, layers.0.blocks.{0,1},
+    layers.1.downsample (PatchMerging), layers.1.blocks.{0,1}, head (ClassifierHead with its pooling; the final norm
+    in no unit), as the official ``types_of_block``. FP logits, all 106 quantizer tensors, all 46 weights the
+    calibration folds and AdaRound changed, and the quantized logits bit-identical (the step sizes train through the
+    literal expression, :func:`ptq_bench.transforms.unit_training.official_gradients`; the fused straight-through
+    node left the post-Softmax scale of layers.0.blocks.0 1.6e-6 relative apart)."""
+    fixture, meta = load_fixture("qdrop_swin_tiny_w4a4_it4.npz")
+    model = tiny_swin()
+    batches = oracle_batches(meta)
+    with torch.no_grad():
+        assert torch.equal(model(batches.eval), torch.from_numpy(fixture["logits/fp"]))
+    # the oracle's --calib-batch-size is its calib_size: on a Swin it slices the searches' windows (dim 0), so it
+    # sets their float summation order
+    method = build_method("qdrop", BitWidth(meta["w_bits"], meta["a_bits"]), iters=meta["iters"],
+                          calib_batch_size=meta["calib_size"])
+    logits = calibrate_and_reconstruct(method, model, batches, meta["reseed"])
+    diffs = qparam_diffs(model, fixture, ("patch_embed.proj.a_quantizer.",))
+    assert len(diffs) == meta["n_qparams"] - 1 == 106 and max(d.max_abs for d in diffs) == 0.0
+    assert_weights_equal(model, fixture, 46)  # every baked conv/Linear weight, the folded LayerNorms, qkv/fc1/reduction biases
     assert torch.equal(logits, torch.from_numpy(fixture["logits/q"]))

@@ -3,15 +3,13 @@ pin against the official code's output on a tiny ViT (tests/fixtures/repq_vit_ti
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from pins import load_fixture, oracle_batches, quantize_and_evaluate, synthetic_batch, tiny_vit
 from torch import nn
 
 from ptq_bench.calibration import image_calibration
@@ -24,40 +22,9 @@ from ptq_bench.quant.log import Log2Quantizer, LogSqrt2Quantizer
 from ptq_bench.quant.observers import _rank, ranks_in_input_dtype, rowwise_quantiles
 from ptq_bench.transforms import reparameterize_layernorm_
 
-FIXTURE = Path(__file__).parent / "fixtures" / "repq_vit_tiny_w4a4.npz"
 #: the fixture was made under torch 2.14, whose torch.quantile forms ranks in double (observers.ranks_in_input_dtype)
 FIXTURE_RANKS_IN_INPUT_DTYPE = False
-#: the tiny ViT of the pin fixture (same architecture in timm 0.4.12, which the official code runs on)
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
 SQRT2 = math.sqrt(2.0)
-
-
-def seeded_state_dict(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Weights from a seeded generator, independent of timm's init (so they survive timm upgrades)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in sorted(model.state_dict().items()):
-        noise = torch.randn(tensor.shape, generator=g)
-        if "norm" in name and name.endswith(".weight"):
-            state[name] = 1.0 + 0.3 * noise
-        elif name.endswith(".bias"):
-            state[name] = 0.1 * noise
-        elif tensor.ndim >= 2 and name.endswith(".weight"):
-            state[name] = noise / math.sqrt(tensor[0].numel())
-        else:  # cls_token, pos_embed
-            state[name] = 0.02 * noise
-    return state
-
-
-def synthetic_batch(seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The oracles' input convention (shared/oracles/_oracle_common.py): seeded N(0, 1) images."""
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-
-
-def tiny_vit() -> nn.Module:
-    model = VisionTransformer(**TINY_VIT)
-    model.load_state_dict(seeded_state_dict(model))
-    return model.eval()
 
 
 def calibrated(quantizer: UniformQuantizer | Log2Quantizer, x: torch.Tensor):
@@ -225,16 +192,12 @@ def test_matches_official_code_on_tiny_vit() -> None:
         pytest.skip("the fixture was made under torch 2.14 (torch.quantile ranks in double); the official code under "
                     "this torch ranks in float32 and calibrates other percentiles: regenerate it here with "
                     "shared/oracles/repqvit_oracle.py and python -m ptq_bench.compare --write-fixture")
-    with np.load(FIXTURE) as z:
-        fixture = {k: z[k] for k in z.files}
-    meta = json.loads(str(fixture["meta"]))
+    fixture, meta = load_fixture("repq_vit_tiny_w4a4.npz")
     model = tiny_vit()
-    calib = synthetic_batch(meta["seed"] + 1000, meta["calib_size"], (3, 32, 32))
-    evalx = synthetic_batch(meta["seed"] + 2000, meta["eval_size"], (3, 32, 32))
+    batches = oracle_batches(meta)
     with torch.no_grad():
-        assert torch.allclose(model(evalx), torch.from_numpy(fixture["logits/fp"]), atol=1e-5)
-        build_method("repq_vit", BitWidth(meta["w_bits"], meta["a_bits"])).quantize(model, image_calibration(calib))
-        logits = model(evalx)
+        assert torch.allclose(model(batches.eval), torch.from_numpy(fixture["logits/fp"]), atol=1e-5)
+    logits = quantize_and_evaluate(build_method("repq_vit", BitWidth(meta["w_bits"], meta["a_bits"])), model, batches)
     diffs = qparam_diffs(model, fixture)
     assert len(diffs) == meta["n_qparams"]
     worst = max(diffs, key=lambda d: d.max_rel)

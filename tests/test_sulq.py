@@ -1,22 +1,20 @@
 """SULQ (I&S-ViT's shift-uniform-log2 post-Softmax quantizer): the grid by hand, placement as a post-Softmax
 quantizer, and equality with the official class on seeded attention maps (tests/fixtures/sulq_official.npz, made by
-shared/oracles/sulq_oracle.py from zysxmu/IaS-ViT @ 9300cea)."""
+$PEER_ROOT/oracles/sulq_oracle.py, default ../peers/oracles beside the clone, from zysxmu/IaS-ViT @ 9300cea)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pins import FIXTURES, synthetic_batch, tiny_vit
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.methods import BitWidth, build_method
 from ptq_bench.quant import QUANTIZERS
 from ptq_bench.quant.sulq import SulqQuantizer
-from test_repq_vit import synthetic_batch, tiny_vit
 
-FIXTURE = Path(__file__).parent / "fixtures" / "sulq_official.npz"
+FIXTURE = FIXTURES / "sulq_official.npz"
 
 
 def test_grid_by_hand() -> None:

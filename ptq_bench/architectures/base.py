@@ -109,21 +109,25 @@ class ArchitectureAdapter(ABC):
         pairs = [pair for name, block in blocks if self.is_pre_norm(block) for pair in self.block_pairs(name, block)]
         return pairs + self.extra_pairs(model)
 
-    def _refuse_unfoldable(self, blocks: list[tuple[str, nn.Module]]) -> None:
+    def _refuse_unfoldable(self, blocks: list[tuple[str, nn.Module]], skippable: bool = False) -> None:
+        """One line for the first block that is not known pre-norm; ``skippable``: the method has the option
+        ``post_norm`` whose value ``skip`` runs without the fold there (the line says so)."""
         for name, block in blocks:
             if not self.is_pre_norm(block):
                 kind = "post-norm" if self.is_post_norm(block) else f"not a known pre-norm block of {self.name}"
+                remedy = "method.post_norm=skip runs without it there" if skippable else "this method folds every block"
                 raise ConfigError(
                     f"block '{name}' ({type(block).__name__}) is {kind}: LayerNorm→Linear reparameterization cannot be "
-                    "applied to it (method.post_norm=skip runs without it there)"
+                    f"applied to it ({remedy})"
                 )
 
-    def check(self, model: nn.Module, needs: Iterable[str], method: str) -> None:
-        """Raise one line if the adapter cannot give ``method`` what it ``needs`` on ``model``."""
+    def check(self, model: nn.Module, needs: Iterable[str], method: str, skippable: bool = False) -> None:
+        """Raise one line if the adapter cannot give ``method`` what it ``needs`` on ``model`` (``skippable``: the
+        method can run without the LayerNorm fold in blocks that are not pre-norm, ``method.post_norm=skip``)."""
         for need in needs:
             if need == "layernorm_pairs":
                 blocks = self.blocks(model)
-                self._refuse_unfoldable(blocks)
+                self._refuse_unfoldable(blocks, skippable)
                 if not blocks and not self.extra_pairs(model):
                     raise ConfigError(f"method '{method}' needs LayerNorm→Linear pairs; {self.name} found none in {type(model).__name__}")
             if need == "blocks" and not self.blocks(model):
@@ -191,9 +195,10 @@ def _attention_summary(model: nn.Module) -> str:
     return f" (attention modules: {', '.join(kinds)})" if kinds else ""
 
 
-def require(model: nn.Module, needs: Iterable[str], method: str) -> ArchitectureAdapter:
-    """The model's adapter, after checking it meets ``needs`` (one-line error otherwise)."""
+def require(model: nn.Module, needs: Iterable[str], method: str, skippable: bool = False) -> ArchitectureAdapter:
+    """The model's adapter, after checking it meets ``needs`` (one-line error otherwise; ``skippable`` as in
+    :meth:`ArchitectureAdapter.check`)."""
     adapter = architecture_for(model)
-    adapter.check(model, needs, method)
+    adapter.check(model, needs, method, skippable)
     return adapter
 

@@ -31,17 +31,18 @@ def int8_kernels(model: nn.Module, batch: torch.Tensor) -> dict[str, int]:
     return {"qlinear": found.count("qlinear"), "qconv": found.count("qconv")}
 
 
-def deploy_section(task: Any, model: nn.Module, device: torch.device, label: str, backend: str,
-                   repeats: int = LATENCY_REPEATS) -> dict[str, Any]:
-    """Evaluate the integer form of the calibrated fake-quant ``model`` and return the record's deploy section."""
+def deploy_section(task: Any, model: nn.Module, reference: Recorder, reference_metrics: dict[str, Any], device: torch.device,
+                   label: str, backend: str, repeats: int = LATENCY_REPEATS) -> dict[str, Any]:
+    """Evaluate the integer form of the calibrated fake-quant ``model`` on the images ``reference`` recorded the
+    fake-quant outputs of (the run's own evaluation, whose metrics are ``reference_metrics``) and return the record's
+    deploy section."""
     sites = plan(model)
     integer = x86.integer_model(model, sites)
     fp = copy.deepcopy(model).eval()
     set_quantizers_enabled(fp, False)
-    reference, deployed = Recorder(model), None
+    deployed = None
     try:
         with x86.freezing():
-            reference_metrics = task.evaluate(reference, device, f"{label} fake-quant")
             compiled_integer, compiled_fp = x86.compiled(integer), x86.compiled(fp)
             kernels = int8_kernels(compiled_integer, reference.first_input)
             deployed = Recorder(compiled_integer)

@@ -36,7 +36,8 @@ from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.adaround import adaround_layers
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.qdrop import skip_loader_seeds
-from ptq_bench.transforms.unit_training import UnitTraining, train_unit
+from ptq_bench.transforms.reconstruction import frozen_parameters
+from ptq_bench.transforms.unit_training import UnitTraining, official_gradients, train_unit
 
 __all__ = ["activation_quantizers", "fp_copy", "retrain_"]
 
@@ -55,10 +56,7 @@ def retrain_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, train
              generator: torch.Generator, progress: bool = False, name: str = "adalog") -> None:
     """``reconstruct_model``: every unit of ``model`` in order, against ``fp_model``'s units on ``data``."""
     fp_units = dict(reconstruction_units(fp_model))
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    try:
+    with frozen_parameters(model):
         units = [(unit_name, unit) for unit_name, unit in reconstruction_units(model) if adaround_layers(unit)]
         for unit_name, unit in tqdm(units, desc=f"{name} units", disable=not progress):
             fp_in = capture_block_inputs(fp_model, fp_units[unit_name], data, training.batch_size)
@@ -67,9 +65,6 @@ def retrain_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, train
             target = block_outputs(fp_units[unit_name], fp_in, training.batch_size)
             skip_loader_seeds(generator, 1)  # init_block_raw_inp_outp: one pass over the loader
             _retrain_unit(unit_name, unit, fp_in, target, training, generator, progress, name)
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
 
 
 def _retrain_unit(unit_name: str, unit: nn.Module, fp_in: torch.Tensor, target: torch.Tensor, training: UnitTraining,
@@ -80,7 +75,9 @@ def _retrain_unit(unit_name: str, unit: nn.Module, fp_in: torch.Tensor, target: 
         out, y = unit(fp_in[idx]), target[idx]
         return head_loss(out, y) if is_head else lp_loss(out, y) / MSE_DIVISOR
 
-    history = train_unit(unit, fp_in, target, rec_loss, activation_quantizers(unit), training, generator,
-                         f"reconstruct {unit_name}", progress)
+    activations = activation_quantizers(unit)
+    with official_gradients([q for q in activations if isinstance(q, UniformQuantizer)]):
+        history = train_unit(unit, fp_in, target, rec_loss, activations, training, generator,
+                             f"reconstruct {unit_name}", progress)
     if history:
         log.info("%s %s: loss %.4g -> %.4g", name, unit_name, history[0], history[-1])

@@ -78,6 +78,7 @@ class UpperLowerMatMulSearch(MatMulSearch):
         """``AsymmetricallyBatchingQuantMatMul.hyperparameter_searching``."""
         if self.post_softmax:
             raise ValueError("APHQ-ViT quantizes the post-Softmax map with a uniform grid")
+        self._start_recording()
         shape = (1, self.heads, 1, 1)
         a_upper, a_lower = self.bounds(self.a)
         b_upper, b_lower = self.bounds(self.b)

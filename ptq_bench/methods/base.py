@@ -128,7 +128,7 @@ class Method(ABC):
     def check(self, model: nn.Module) -> None:
         """Refuse, in one line and before any calibration, a model this method cannot quantize as named."""
         if self.uses_calibration:
-            require(model, self.needs(), self.name)
+            require(model, self.needs(), self.name, skippable=hasattr(self.options, "post_norm"))
         if self.uses_bits and self.bits.layers:  # placement checks the quantized layers exactly; this, before any work
             names = [name for name, _ in model.named_modules()]
             for rule in self.bits.layers:

@@ -17,7 +17,7 @@ sources establish from the harness choices below. Recipe:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from ptq_bench.transforms.mosf import mosf_reparameterize_
 from ptq_bench.transforms.reparam import folded_pairs
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.compiled_loss import compiled_losses
-from ptq_bench.transforms.reconstruction import ReconStep, reconstruct_block
+from ptq_bench.transforms.reconstruction import ReconStep, clamp_scales_, frozen_parameters, learnable_scales, reconstruct_block
 
 
 @dataclass(frozen=True)
@@ -113,57 +113,16 @@ class DopQViT(Method):
                 target = block_outputs(block, capture_block_inputs(model, block, data, o.batch_size), o.batch_size)
                 set_quantizers_enabled(model, True)
                 inputs = capture_block_inputs(model, block, data, o.batch_size)
-                with _learnable_step_sizes(block) as groups:
-                    optimizer = torch.optim.Adam([{"params": [s], "lr": o.lr * unit} for s, unit in groups])
-                    step = ReconStep(optimizer, torch.arange(len(data)), before=lambda: _keep_positive(groups))
+                learned = [(m, attr) for m in block.modules() if isinstance(m, Quantizer) and m.calibrated
+                           for attr, kind in m.learnable_parameters().items() if kind == "step_size"]
+                with frozen_parameters(block), learnable_scales(learned) as scales:
+                    # Adam's step is about its learning rate: each scale's rate is relative to its mean magnitude
+                    optimizer = torch.optim.Adam([{"params": [s], "lr": o.lr * float(s.detach().abs().mean())} for s in scales])
+                    step = ReconStep(optimizer, torch.arange(len(data)), before=lambda: clamp_scales_(scales))
                     reconstruct_block(
                         block, inputs, target, [step], o.iters, o.batch_size, generator,
                         desc=f"dopq recon {index + 1}/{len(blocks)} {name}", progress=self.progress, compile=compiled,
                     )  # fmt: skip
-
-
-def _keep_positive(groups: list[tuple[torch.Tensor, float]]) -> None:
-    with torch.no_grad():
-        for scale, _ in groups:
-            scale.clamp_(min=1e-8)
-
-
-class _learnable_step_sizes:
-    """Make the step sizes of a block's calibrated quantizers trainable (LSQ-style, through round_ste): every
-    tensor a quantizer declares of kind ``step_size`` (:meth:`Quantizer.learnable_parameters`).
-
-    Yields (step-size tensor, its mean magnitude): Adam's step is about its learning rate, so each group's rate is
-    scaled by the magnitude of its scales (a relative learning rate). On exit the step sizes become plain buffers
-    again and the quantized-weight caches are refreshed.
-    """
-
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
-        self.learned = [
-            (m, name)
-            for m in block.modules()
-            if isinstance(m, Quantizer) and m.calibrated
-            for name, kind in m.learnable_parameters().items()
-            if kind == "step_size"
-        ]
-        self.layers = [m for m in block.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
-        self.requires_grad = {id(p): p.requires_grad for p in block.parameters()}
-
-    def __enter__(self) -> list[tuple[torch.Tensor, float]]:
-        for parameter in self.block.parameters():
-            parameter.requires_grad_(False)
-        groups = []
-        for quantizer, name in self.learned:
-            step = getattr(quantizer, name).detach().clone().requires_grad_(True)
-            setattr(quantizer, name, step)
-            groups.append((step, float(step.detach().abs().mean())))
-        return groups
-
-    def __exit__(self, *exc: Optional[BaseException]) -> None:
-        for quantizer, name in self.learned:
-            setattr(quantizer, name, getattr(quantizer, name).detach())
-            quantizer.params_changed()
-        for parameter in self.block.parameters():
-            parameter.requires_grad_(self.requires_grad[id(parameter)])
-        for layer in self.layers:
-            layer.refresh_weight()
+                for layer in block.modules():
+                    if isinstance(layer, (QuantLinear, QuantConv2d)):
+                        layer.refresh_weight()

@@ -14,7 +14,9 @@ Recipe as the official code runs it (zysxmu/ERQ @ 2f5b4ce test_quant_expand.py `
    Aqer (λ = 0.1·coe; 0.1 for the head, whose input is 2-D), then its weight quantizer calibrates on the updated
    weight, then Wqer (λ = 0.1·coe, rounding refinement of ``refine_steps`` flips, rows in blocks of ``row_block``);
    the patch-embedding conv gets no Aqer and a Wqer on its im2col input without refinement (λ = coe).
-   Each layer's update depends only on its own FP input and output, so it runs as the forward reaches it;
+   Each layer's update depends only on its own FP input and output, so it runs as the forward reaches it (a layer
+   called more than once per forward, e.g. a detector head shared by the FPN levels, on the rows of all its calls,
+   after the pass: the official code, classification only, has no such layer);
 5. the final weights are quantized once more by their weight quantizers at inference (the official
    ``set_quant_state(True, True)`` after Wqer); biases stay FP.
 """
@@ -100,6 +102,7 @@ class ERQ(Method):
             edited = reparameterize_layernorm_(model, mean_target)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
         self._reduced: set[int] = set()
+        self._pooled = {id(layer): [] for layer in _called_more_than_once(model, layers, data)}
         handles = [layer.register_forward_hook(self._reduce_errors_hook) for layer in layers]
         try:
             with quantizers_off(model):
@@ -107,6 +110,9 @@ class ERQ(Method):
         finally:
             for handle in handles:
                 handle.remove()
+        for layer in layers:
+            if self._pooled.get(id(layer)):
+                self._reduce_errors_(layer, *_concatenated(self._pooled.pop(id(layer))))
         for quantizer in weight_quantizers:
             quantizer.enabled = True
         return model
@@ -123,32 +129,40 @@ class ERQ(Method):
                     linear.refresh_weight()
 
     def _reduce_errors_hook(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        """Aqer and Wqer of ``layer`` from its first call (the official ``store_input[0]``); later calls pass."""
+        """Aqer and Wqer of ``layer`` from its first call (the official ``store_input[0]``); later calls pass. A layer
+        the task calls several times per forward (a detector's head on each FPN level) pools the rows of every call
+        and is reduced after the pass."""
         if id(layer) in self._reduced:
             return
-        self._reduced.add(id(layer))
         x = inputs[0]
         x_q = layer.input_quantizer.quantize(x) if layer.input_quantizer is not None else x
+        rows = _input_rows(layer, x_q), output.reshape(-1, output.shape[-1]) if isinstance(layer, QuantLinear) else None
+        if id(layer) in self._pooled:
+            self._pooled[id(layer)].append((*rows, x_q.ndim == 2))
+            return
+        self._reduced.add(id(layer))
+        self._reduce_errors_(layer, *rows, x_q.ndim == 2)
+
+    def _reduce_errors_(self, layer: nn.Module, x_rows: torch.Tensor, y_rows: torch.Tensor | None, two_d: bool) -> None:
+        """Aqer (Linears) and Wqer of ``layer`` from its quantized FP input rows and FP output rows (None: a conv)."""
         if isinstance(layer, QuantLinear):
-            self._linear_(layer, x_q, output)
+            self._linear_(layer, x_rows, y_rows, two_d)
         else:
-            self._conv_(layer, x_q)
+            self._conv_(layer, x_rows)
         layer.refresh_weight()
 
-    def _linear_(self, layer: QuantLinear, x_q: torch.Tensor, y_fp: torch.Tensor) -> None:
+    def _linear_(self, layer: QuantLinear, x_flat: torch.Tensor, y_flat: torch.Tensor, two_d: bool) -> None:
         lam = 0.1 * self.options.coe
-        x_flat = x_q.reshape(-1, x_q.shape[-1])
-        aqer_lam = HEAD_AQER_LAMBDA if x_q.ndim == 2 else lam
-        weight, bias = activation_error_ridge(layer.weight, layer.bias, x_flat, y_fp.reshape(-1, y_fp.shape[-1]), aqer_lam)
+        aqer_lam = HEAD_AQER_LAMBDA if two_d else lam
+        weight, bias = activation_error_ridge(layer.weight, layer.bias, x_flat, y_flat, aqer_lam)
         _fit(layer.weight_quantizer, weight)
         new_w, new_b = self._wqer(weight, bias, x_flat, layer.weight_quantizer, lam, self.options.refine_steps)
         layer.weight.data = weight.clone().copy_(new_w)  # the official ``w.copy_(new_w)`` keeps the weight's layout
         if bias is not None:
             layer.bias.data = new_b.squeeze()
 
-    def _conv_(self, layer: QuantConv2d, x_q: torch.Tensor) -> None:
-        kernel, out = layer.weight.shape[2], layer.weight.shape[0]
-        cols = F.unfold(x_q, kernel, stride=layer.stride[0], padding=layer.padding[0]).transpose(1, 2).reshape(-1, layer.weight[0].numel())
+    def _conv_(self, layer: QuantConv2d, cols: torch.Tensor) -> None:
+        out = layer.weight.shape[0]
         _fit(layer.weight_quantizer, layer.weight)
         new_w, new_b = self._wqer(layer.weight.reshape(out, -1), layer.bias, cols, layer.weight_quantizer, 0.1 * self.options.coe * 10, 0)
         layer.weight.data = new_w.reshape(layer.weight.shape)
@@ -163,6 +177,34 @@ class ERQ(Method):
         wb = torch.cat((weight, bias.unsqueeze(1)), dim=1)
         new = progressive_quantize(wb, with_ones(x), _grid(quantizer), lam, self.options.row_block, steps)
         return torch.split(new, [new.shape[1] - 1, 1], dim=1)
+
+
+def _input_rows(layer: nn.Module, x_q: torch.Tensor) -> torch.Tensor:
+    """A Linear's input as rows of features; a conv's as its im2col rows (patches)."""
+    if isinstance(layer, QuantLinear):
+        return x_q.reshape(-1, x_q.shape[-1])
+    kernel = layer.weight.shape[2]
+    cols = F.unfold(x_q, kernel, stride=layer.stride[0], padding=layer.padding[0])
+    return cols.transpose(1, 2).reshape(-1, layer.weight[0].numel())
+
+
+def _called_more_than_once(model: nn.Module, layers: list[nn.Module], data: CalibrationData) -> list[nn.Module]:
+    """The layers one forward of the first calibration sample calls more than once (none in a ViT; a detector's
+    shared heads on every FPN level)."""
+    calls: dict[int, int] = {}
+
+    def count(layer: nn.Module, _inputs: Any, _output: Any) -> None:
+        calls[id(layer)] = calls.get(id(layer), 0) + 1
+
+    with quantizers_off(model):
+        data.probe(model, [layer.register_forward_hook(count) for layer in layers])
+    return [layer for layer in layers if calls.get(id(layer), 0) > 1]
+
+
+def _concatenated(calls: list[tuple[torch.Tensor, torch.Tensor | None, bool]]) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """The input and output rows of every call of a layer, stacked (the head λ rule from the first call)."""
+    outputs = [y for _, y, _ in calls]
+    return torch.cat([x for x, _, _ in calls]), None if outputs[0] is None else torch.cat(outputs), calls[0][2]
 
 
 def _fit(quantizer: Quantizer, weight: torch.Tensor) -> None:

@@ -14,6 +14,10 @@ the APHQ-ViT calibration and QDrop reconstruction (:mod:`ptq_bench.methods.qdrop
    calibration every 3-D Linear input's per-tensor scale becomes one scale per token, and each matmul operand's
    per-head scale one per head and row of A (Q, the attention map) or per head and column of B (Kᵀ, V), all
    started at the calibrated value and learned separately; zero points stay shared.
+
+Two points of arithmetic make the run equal the official one bit for bit (tests/test_fima_q.py): the FP reference is
+the calibrated model with its quantizers off (:func:`raw_copy`, the official 'raw' mode), and the activation
+quantizers differentiate their literal expression with torch <= 2.13's clamp gradient (:func:`official_gradients`).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from torch import nn
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS
-from ptq_bench.methods.qdrop import QDrop, QDropOptions, RecLoss, head_loss
+from ptq_bench.methods.qdrop import QDrop, QDropOptions, RecLoss, fp_copy, head_loss
+from ptq_bench.models.prepare import set_quantizers_enabled
 from ptq_bench.quant.layers import QuantLinear, QuantMatMul
 from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.fisher_loss import FisherDPLRLoss
 from ptq_bench.transforms.qdrop import dropping_activations, mixed_inputs, skip_loader_seeds
-from ptq_bench.transforms.unit_training import train_unit
+from ptq_bench.transforms.unit_training import official_gradients, train_unit
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +84,7 @@ def token_wise_shapes(model: nn.Module, data: CalibrationData) -> dict[UniformQu
 
     handles = [m.register_forward_pre_hook(linear_hook) for m in model.modules() if isinstance(m, QuantLinear)]
     handles += [m.register_forward_pre_hook(matmul_hook) for m in model.modules() if isinstance(m, QuantMatMul)]
-    try:
-        with torch.no_grad():
-            data.forward(model, data.batch(0, 1))
-    finally:
-        for handle in handles:
-            handle.remove()
+    data.probe(model, handles)
     return shapes
 
 
@@ -92,6 +92,16 @@ def widen_scales_(shapes: dict[UniformQuantizer, tuple[int, ...]]) -> None:
     """Each quantizer's calibrated scale expanded to its shape (zero points unchanged)."""
     for quantizer, shape in shapes.items():
         quantizer.set_params(quantizer.scale.expand(shape), quantizer.zero_point)
+
+
+def raw_copy(model: nn.Module) -> nn.Module:
+    """``model`` as calibrated with every quantizer off: the official reconstructor's FP model (its own wrapped model
+    in 'raw' mode, test_quant.py / utils/block_recon.py ``init_block_raw_inp_outp``), whose qkv and fc1 hold the
+    calibration's LayerNorm fold and whose attention computes (q·kᵀ)·scale. timm's FP model (unfolded, fused or
+    (q·scale)·kᵀ attention) computes the same function with other float steps (1e-6 in a tiny block's output)."""
+    raw = fp_copy(model)
+    set_quantizers_enabled(raw, False)
+    return raw
 
 
 @contextmanager
@@ -152,16 +162,22 @@ class FimaQ(QDrop):
             raise ConfigError(f"{self.name}'s Fisher refresh differentiates a KL of class logits: this task's forward returns none")
         return super()._quantize(model, data)
 
+    def fp_reference(self, model: nn.Module) -> None:
+        """None: FIMA-Q reconstructs against :func:`raw_copy`, taken after calibration, so no copy is made before."""
+        return None
+
     def calibrate_(self, model: nn.Module, data: CalibrationData) -> None:
         """APHQ-ViT's calibration, then (``token_wise``) the per-token scales of ``token_channel_wise``."""
         super().calibrate_(model, data)
         if self.options.token_wise:
             widen_scales_(token_wise_shapes(model, data))
 
-    def reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
+    def reconstruct(self, model: nn.Module, fp_model: nn.Module | None, data: CalibrationData,
                     generator: torch.Generator | None = None) -> None:
+        """QDrop's reconstruction against :func:`raw_copy` of ``model`` (the official FP reference), not ``fp_model``
+        (the FP model before calibration: the same function, other float steps)."""
         self._fp_softmax: list[torch.Tensor] | None = None
-        super().reconstruct(model, fp_model, data, generator)
+        super().reconstruct(model, raw_copy(model), data, generator)
 
     def unit_loss(self, name: str, fp_model: nn.Module, fp_unit: nn.Module, data: CalibrationData) -> RecLoss:
         """The head's KL, every other unit's :class:`FisherUnitLoss` (FP softmax(y/T) computed once per run)."""
@@ -191,6 +207,8 @@ class FimaQ(QDrop):
             step["it"] += 1
             return rec_loss(unit(x), target[idx], idx)
 
-        history = train_unit(unit, q_in, target, loss, activations, self.unit_training(), generator, f"reconstruct {name}",
-                             self.progress, during=dropping_activations(activations, o.drop_prob, masks))
+        with official_gradients(activations):
+            history = train_unit(unit, q_in, target, loss, activations, self.unit_training(), generator,
+                                 f"reconstruct {name}", self.progress,
+                                 during=dropping_activations(activations, o.drop_prob, masks))
         log.info("%s %s: loss %.4g -> %.4g", self.name, name, history[0], history[-1])

@@ -58,13 +58,7 @@ def _bytes_per_image(model: nn.Module, layers: list[NamedLayer], data: Calibrati
 
         return fn
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers]
-    try:
-        with torch.no_grad():
-            data.forward(model, data.batch(0, 1))
-    finally:
-        for h in handles:
-            h.remove()
+    data.probe(model, [m.register_forward_hook(hook(name)) for name, m in layers])
     return sizes
 
 

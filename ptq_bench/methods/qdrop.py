@@ -45,7 +45,8 @@ from ptq_bench.transforms.qdrop import (
     mixed_inputs,
     skip_loader_seeds,
 )
-from ptq_bench.transforms.unit_training import UnitTraining, train_unit
+from ptq_bench.transforms.reconstruction import frozen_parameters
+from ptq_bench.transforms.unit_training import UnitTraining, official_gradients, train_unit
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,11 @@ class QDrop(AphqCalibration):
         return super().needs() | {"blocks"}
 
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        if not data.uniform_shapes:
+            raise ConfigError(f"{self.name} on a detector is not built: its calibration and units need inputs of one "
+                              "shape (the official detection fork differs: docs/methods/aphq_vit.md, 'Detectors')")
         o = self.options
-        fp_model = fp_copy(model)
+        fp_model = self.fp_reference(model)
         self.prepare_fp_(model, fp_model, data)
         size = min(o.search_size, len(data))
         if size < o.search_size:
@@ -134,11 +138,15 @@ class QDrop(AphqCalibration):
             self.reconstruct(model, fp_model, data)
         return model
 
+    def fp_reference(self, model: nn.Module) -> nn.Module | None:
+        """The FP model the units reconstruct against, copied before calibration (the official ``full_model``)."""
+        return fp_copy(model)
+
     def calibrate_(self, model: nn.Module, data: CalibrationData) -> None:
         """The calibration search alone (:class:`AphqCalibration`), on all of ``data``."""
         super()._quantize(model, data)
 
-    def prepare_fp_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData,
+    def prepare_fp_(self, model: nn.Module, fp_model: nn.Module | None, data: CalibrationData,
                     generator: torch.Generator | None = None) -> None:
         """A change to the FP model before calibration (APHQ-ViT's MLP reconstruction); none for QDrop."""
 
@@ -152,10 +160,7 @@ class QDrop(AphqCalibration):
         # the official batches come from the CPU generator, the masks from the device's (one stream on a CPU)
         masks = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(self.seed)
         fp_units = dict(reconstruction_units(fp_model))
-        flags = {p: p.requires_grad for p in model.parameters()}
-        for p in flags:
-            p.requires_grad_(False)
-        try:
+        with frozen_parameters(model):
             units = [(name, unit) for name, unit in reconstruction_units(model) if _quantized(unit)]
             for name, unit in tqdm(units, desc=f"{self.name} units", disable=not self.progress):
                 fp_unit = fp_units[name]
@@ -165,9 +170,6 @@ class QDrop(AphqCalibration):
                 skip_loader_seeds(generator, self.capture_passes(name))
                 self._reconstruct_unit(name, unit, q_in, fp_in, target, self.unit_loss(name, fp_model, fp_unit, data),
                                       generator, masks)
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
 
     def capture_passes(self, name: str) -> int:
         """Passes over the official calibration loader before a unit trains (``init_block_raw_data``): its FP input
@@ -202,6 +204,7 @@ class QDrop(AphqCalibration):
                 state["init"] = rec.item()
             return rec * 2 / state["init"]
 
-        history = train_unit(unit, q_in, target, normalized, activations, self.unit_training(), generator, f"reconstruct {name}",
-                             self.progress, during=dropping_activations(activations, o.drop_prob, masks))
+        with official_gradients(activations):
+            history = train_unit(unit, q_in, target, normalized, activations, self.unit_training(), generator,
+                                 f"reconstruct {name}", self.progress, during=dropping_activations(activations, o.drop_prob, masks))
         log.info("%s %s: loss %.4g -> %.4g", self.name, name, history[0], history[-1])

@@ -40,6 +40,12 @@ def shifted_clamp_bounds(zero_point: torch.Tensor, qmin: int, qmax: int) -> Boun
     return (low.item(), high.item()) if zero_point.ndim == 0 else (low, high)
 
 
+def clamp_inclusive(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``clamp(t, low, high)`` whose gradient passes on the bounds too: torch's clamp until 2.13 (the official codes'
+    torch; newer torch gives 0 there, pytorch#191142), ``where(low ≤ t ≤ high, g, 0)``."""
+    return torch.where((t >= low) & (t <= high), t, t.detach().clamp(low, high))
+
+
 def _integer_shift_is_exact(zero_point: torch.Tensor, qmin: int, qmax: int) -> bool:
     """Whether z holds integers small enough that r + z, qmin - z and qmax - z are exact near the grid."""
     limit = 2 / torch.finfo(zero_point.dtype).eps
@@ -84,6 +90,8 @@ class UniformQuantizer(Quantizer):
         #: train through the literal expression's autograd (as official code that differentiates it does), not
         #: ptq_bench/quant/ste.py's fused node: the same values, gradients equal to that code's bit for bit
         self.literal_gradient = False
+        #: with ``literal_gradient``: clamp as :func:`clamp_inclusive` (the torch <= 2.13 gradient) instead of torch's
+        self.inclusive_clamp = False
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.granularity == "tensor":
@@ -148,7 +156,8 @@ class UniformQuantizer(Quantizer):
             scale, zero_point = self.scale, self.zero_point
         if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
             if zero_point.requires_grad or self.literal_gradient:
-                q = torch.clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax)
+                clamp = clamp_inclusive if self.inclusive_clamp else torch.clamp
+                q = clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax)
                 return (q - zero_point) * scale
             # the same values as the literal expression above, one autograd node (ptq_bench/quant/ste.py); a
             # compiled graph takes the literal clamp (the shifted bounds are proven by a data-dependent check)

@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ptq_bench.errors import ConfigError
+from ptq_bench.methods.options import method_defaults
 from ptq_bench.paths import conf_path
 from ptq_bench.results.formatting import format_value, text
 from ptq_bench.results.report import aggregate, records_frame, with_deploy
@@ -223,8 +224,19 @@ def _other_protocols(spec: TableSpec, cells: pd.DataFrame, block: Block, row: Ro
     extras = []
     for options, protocol in found.itertuples(index=False):
         if (options == own and protocol) or (options not in claimed and row is home):
-            extras.append(("; ".join(p for p in (options if options != own else "", protocol) if p), (options, protocol)))
+            extras.append(("; ".join(p for p in (_variant_options(options, own, row), protocol) if p), (options, protocol)))
     return extras
+
+
+def _variant_options(options: str, own: str, row: Row) -> str:
+    """The options part of a variant row's label: the record's options, or, for a record at the method's YAML under a
+    row that names options, the YAML's values of those options (so it never reads as the row itself)."""
+    if options == own:
+        return ""
+    if options:
+        return options
+    defaults = method_defaults(str(row.run))
+    return _options_label({key: defaults.get(key) for key in row.options})
 
 
 def _row_cells(spec: TableSpec, cells: pd.DataFrame, published: pd.DataFrame, block: Block, row: Row, note: str,

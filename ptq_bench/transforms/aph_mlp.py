@@ -56,6 +56,19 @@ def swap_to_relu_(model: nn.Module) -> None:
         mlp.act = nn.ReLU()
 
 
+def unit_rms(hessian: torch.Tensor, name: str) -> torch.Tensor:
+    """``hessian`` scaled to unit root mean square (the fork's normalization), refused where that is not finite.
+
+    The shift of every element of an MLP output is cancelled by the LayerNorms after it, so the perturbation Hessian
+    is float rounding noise; with logits near zero (an untrained model) it falls to about 1e-20, its squares underflow
+    and the scale overflows: the official code then trains NaN weights (seen on a tiny Swin with timm's init)."""
+    scaled = hessian * torch.sqrt(hessian.numel() / hessian.pow(2).sum())
+    if not torch.isfinite(scaled).all():
+        raise ConfigError(f"MLP reconstruction of block {name}: the perturbation Hessian (max {hessian.abs().max().item():.3g}) "
+                          "is too small to scale to unit RMS in float32 (the official code would train NaN weights)")
+    return scaled
+
+
 def positive_quantile(x: torch.Tensor, pct: float) -> float:
     """``mlp_recon.positive_percentile``: the ``pct`` percentile of the positive entries (rank ceil(count·pct) - 1)."""
     return positive_percentile(x.reshape(-1), torch.tensor([pct], device=x.device)).item()
@@ -75,8 +88,7 @@ def reconstruct_mlps_(model: nn.Module, fp_model: nn.Module, data: CalibrationDa
             raise ConfigError("MLP reconstruction needs MLP inputs of one shape")
         y = block_outputs(fp_mlp, x, cfg.batch_size)
         fc2_in = capture_block_inputs(fp_model, fp_mlp.fc2, data, cfg.batch_size)
-        hessian = perturbation_hessian(fp_model, fp_mlp, data, cfg.batch_size, cfg.temperature, targets)
-        hessian = hessian * torch.sqrt(hessian.numel() / hessian.pow(2).sum())
+        hessian = unit_rms(perturbation_hessian(fp_model, fp_mlp, data, cfg.batch_size, cfg.temperature, targets), name)
         skip_loader_seeds(generator, 3)  # the official passes: inputs/outputs, then the two perturbed ones
         ub = positive_quantile(fc2_in, cfg.pct)
         finals.append(_train(mlp, x, y, hessian, ub, cfg, generator))

@@ -195,6 +195,19 @@ def learnable_scales(learned: Sequence[tuple[Quantizer, str]]) -> Iterator[list[
             quantizer.params_changed()
 
 
+@contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Within the context none of ``module``'s parameters takes gradients; on exit each gets its flag back."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def clamp_scales_(params: Sequence[nn.Parameter]) -> None:
     """Keep learned scales positive (an Adam step can overshoot zero)."""
     with torch.no_grad():
