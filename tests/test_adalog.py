@@ -1,5 +1,6 @@
 """AdaLog: the adaptive-base log grid by hand, the shifted post-GELU variant and its bias fold, the recipe's
-placement and options, and pins against the official code's output on a tiny ViT (tests/fixtures/adalog_tiny_*.npz)."""
+placement and options, and pins against the official code's output on a tiny ViT (tests/fixtures/adalog_tiny_*.npz;
+regenerated bit for bit by oracles/adalog_family_tiny.py --method adalog, each fixture's meta ``oracle`` names the flags)."""
 
 from __future__ import annotations
 
@@ -182,8 +183,9 @@ def _pin(fixture_name: str, **options) -> None:
 @pytest.mark.parametrize("bits", [3, 4, 6])
 def test_matches_official_code_on_tiny_vit_fast_config(bits: int) -> None:
     """Every quantizer parameter and the quantized logits equal the official code's (GoatWu/AdaLog @ 75a57d2, via
-    shared/oracles/adalog_family_oracle.py on this tiny ViT with configs/{3,4,6}bit.py changed to eq_n 64, one
-    search round, 3 FPCS steps: the same code paths at a sixth of the cost)."""
+    oracles/adalog_family_tiny.py --method adalog --w-bits B --a-bits B --cfg eq_n=64,search_round=1,steps=3: on this
+    tiny ViT, configs/{3,4,6}bit.py changed to eq_n 64, one search round, 3 FPCS steps: the same code paths at a sixth
+    of the cost)."""
     _pin(f"adalog_tiny_w{bits}a{bits}_fast.npz", **FAST)
 
 

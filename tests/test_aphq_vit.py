@@ -1,6 +1,7 @@
 """APHQ-ViT: the recipe's placement and options, the fork's searches, and pins against the official code's
 calibration and whole pipeline on a tiny ViT and a tiny Swin (tests/fixtures/aphq_vit_tiny_w*a*.npz,
-aphq_vit_swin_tiny_w4a4_it4.npz; GoatWu/APHQ-ViT @ 84c9fde)."""
+aphq_vit_swin_tiny_w4a4_it4.npz; GoatWu/APHQ-ViT @ 84c9fde; regenerated bit for bit by
+oracles/adalog_family_tiny.py --method aphqvit, each fixture's meta ``oracle`` names the flags)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """FIMA-Q: option refusals and pins of the whole reconstruction (Fisher refreshes included) against the official code
-(tests/fixtures/fimaq_tiny_w4a4_it4.npz and fimaq_tcw_tiny_w4a4_it4.npz, ShiheWang/FIMA-Q @ 64c4b00)."""
+(tests/fixtures/fimaq_{,tcw_,swin_}tiny_w4a4_it4.npz, ShiheWang/FIMA-Q @ 64c4b00; regenerated bit for bit by
+oracles/adalog_family_tiny.py --method fimaq, each fixture's meta ``oracle`` names the flags)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """FIMA-Q's DPLR Fisher reconstruction loss: the rank-1 case by hand, and equality with the official
-``LossFunction('fisher_dplr')`` on seeded tensors (ShiheWang/FIMA-Q @ 64c4b00 through
-$PEER_ROOT/oracles/fimaq_loss_oracle.py, default ../peers/oracles beside the clone: two refreshes, two calls each)."""
+``LossFunction('fisher_dplr')`` on seeded tensors (ShiheWang/FIMA-Q @ 64c4b00 through oracles/adalog_family_fisher_loss.py,
+which regenerates fimaq_loss.npz bit for bit: two refreshes, two calls each)."""
 
 from __future__ import annotations
 

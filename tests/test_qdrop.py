@@ -1,6 +1,8 @@
 """QDrop (as the APHQ-ViT authors reproduce it): AdaRound and the QDrop mixing by hand, the official generator
 stream, and pins of the whole reconstruction against the official code on a tiny ViT and a tiny Swin
-(tests/fixtures/qdrop_tiny_w4a4_it4.npz, qdrop_swin_tiny_w4a4_it4.npz; GoatWu/APHQ-ViT @ 84c9fde)."""
+(tests/fixtures/qdrop_tiny_w4a4_it4.npz, qdrop_swin_tiny_w4a4_it4.npz; GoatWu/APHQ-ViT @ 84c9fde; regenerated bit for
+bit by oracles/adalog_family_tiny.py --method aphqvit --cfg optim_metric=mse,use_mean_hessian=False,pct=0.99 ..., each
+fixture's meta ``oracle`` names the flags)."""
 
 from __future__ import annotations
 
