@@ -138,7 +138,7 @@ def test_capabilities_and_registry() -> None:
 def test_recipe_options_and_refusals() -> None:
     with pytest.raises(ConfigError, match="takes no other quantizers"):
         build_method("adalog", BitWidth(4, 4), quantizers={"post_gelu": "uniform"})
-    with pytest.raises(ConfigError, match="qconv_a_bit"):
+    with pytest.raises(ConfigError, match="no option.s. qconv_a_bit"):  # the patch-embedding input is always float
         build_method("adalog", BitWidth(4, 4), qconv_a_bit=6)
     table = build_method("adalog", BitWidth(4, 4)).placement()
     assert table["patch_embed"] is None and table["post_softmax"].name == "adalog"

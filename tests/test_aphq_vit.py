@@ -42,7 +42,7 @@ def test_placement_and_refusals() -> None:
     assert table["post_softmax"].options == {"granularity": "channel", "channel_dim": 1}  # per head
     assert table["post_layernorm"].options["granularity"] == "channel"
     assert build_method("aphq_vit", BitWidth(4, 8)).placement()["post_layernorm"].options["granularity"] == "tensor"
-    with pytest.raises(ConfigError, match="qconv_a_bit"):
+    with pytest.raises(ConfigError, match="no option.s. qconv_a_bit"):  # the patch-embedding input is always float
         build_method("aphq_vit", BitWidth(4, 4), qconv_a_bit=6)
     with pytest.raises(ConfigError, match="takes no other quantizers"):
         build_method("aphq_vit", BitWidth(4, 4), quantizers={"post_gelu": "log2"})

@@ -25,7 +25,8 @@ map AdaLog with s = 1 (s_bit = a_bit); fc2's input shifted AdaLog; the patch-emb
 Where the paper and the code differ, we follow the code:
 * qconv_a_bit = 8 does not quantize the patch-embedding input at 8 bits: quant_layers/conv.py ``quant_input``
   returns the input unchanged for n_bits >= 8 (its < 8 branch is unusable: ``calculate_activation_candidates``
-  reads an undefined ``eq_alpha``), so values below 8 are refused.
+  reads an undefined ``eq_alpha``), so the configs' only value has one behaviour and is not an option here: the
+  input stays float.
 * The post-Softmax search scores one q per tensor on the matmul output; V's grid is per head.
 * The log-base search tries q = 10 .. 10 + eq_n - 1 (the code builds 129 candidates and evaluates the first eq_n).
 * The searches de-quantize with a float32 table while the quantizer evaluates with tables built in double; both are
@@ -87,7 +88,6 @@ class AdaLogOptions:
     search_round: int
     steps: int
     fpcs_width: int
-    qconv_a_bit: int
     search_memory_gb: float
     optimize: bool = keyed_when_on()
     optim_size: int = keyed_with("optimize")
@@ -106,9 +106,6 @@ class AdaLogOptions:
                 raise ConfigError(f"AdaLog option {key} must be >= 1, got {getattr(self, key)}")
         if self.eq_n % self.fpcs_width or self.eq_n // self.fpcs_width < 2:
             raise ConfigError(f"AdaLog: eq_n ({self.eq_n}) must be a multiple of fpcs_width ({self.fpcs_width}), at least twice it")
-        if self.qconv_a_bit < 8:
-            raise ConfigError("AdaLog: qconv_a_bit < 8 is not supported (the official conv search for it is unusable; "
-                              ">= 8 leaves the patch-embedding input unquantized, as the official code does)")
         if self.search_memory_gb <= 0:
             raise ConfigError(f"AdaLog: search_memory_gb must be > 0, got {self.search_memory_gb}")
         if self.optim_size < 1 or self.optim_batch_size < 1 or self.iters < 0 or not 0.0 <= self.warmup < 1.0:

@@ -31,7 +31,6 @@ class CalibrationOptions:
     calib_batch_size: int
     eq_n: int
     search_round: int
-    qconv_a_bit: int
     search_memory_gb: float
 
     def __post_init__(self) -> None:
@@ -40,9 +39,6 @@ class CalibrationOptions:
                 raise ConfigError(f"option {key} must be >= 1, got {getattr(self, key)}")
         if self.eq_n < 2:
             raise ConfigError(f"option eq_n must be >= 2 (the percentile grids divide by eq_n - 1), got {self.eq_n}")
-        if self.qconv_a_bit < 8:
-            raise ConfigError("qconv_a_bit < 8 is not supported (>= 8 leaves the patch-embedding input unquantized, "
-                              "as the official code does; its < 8 input search is not implemented)")
         if self.search_memory_gb <= 0:
             raise ConfigError(f"option search_memory_gb must be > 0, got {self.search_memory_gb}")
 
