@@ -141,11 +141,10 @@ def test_bad_options_are_refused(override, message) -> None:
 def test_matches_official_code_on_tiny_vit() -> None:
     """Every quantizer parameter (two-part grids and their column split included), every final weight and bias after
     Aqer and Wqer, and the quantized logits equal the official code's bit for bit (zysxmu/ERQ @ 2f5b4ce, run by
-    $PEER_ROOT/oracles/erq_oracle.py --tiny on this ViT, the peer root being ../peers beside the clone by default;
-    see the fixture's ``meta``)."""
+    oracles/erq_oracle.py --w-bits 4 --a-bits 4 --coe 10000 on this ViT; see the fixture's ``meta``)."""
     if ranks_in_input_dtype():
         pytest.skip("the fixture was made under torch 2.14 (torch.quantile ranks in double); regenerate it with "
-                    "$PEER_ROOT/oracles/erq_oracle.py --tiny (default ../peers/oracles) and python -m ptq_bench.compare "
+                    "oracles/erq_oracle.py --w-bits 4 --a-bits 4 --coe 10000 and python -m ptq_bench.compare "
                     "--write-fixture")
     fixture, meta = load_fixture("erq_tiny_w4a4.npz")
     model = tiny_vit()

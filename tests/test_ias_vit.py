@@ -1,7 +1,7 @@
 """I&S-ViT: its quantizer table, reconstruction units and loss, refusals, and pins of the whole three-stage pipeline
-against the official code on the tiny ViT (tests/fixtures/ias_vit_tiny_*.npz, made by $PEER_ROOT/oracles/ias_oracle.py
---tiny, default ../peers/oracles beside the clone, from zysxmu/IaS-ViT @ 9300cea, with the global generator reseeded
-before every unit)."""
+against the official code on the tiny ViT (tests/fixtures/ias_vit_tiny_*.npz, made by oracles/ias_oracle.py from
+zysxmu/IaS-ViT @ 9300cea, with the global generator reseeded before every unit; the fixture's meta ``oracle`` names the
+command, oracles/check_fixtures.py re-makes and checks it)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def _torch_as_the_fixtures() -> bool:
 def _run(name: str) -> tuple[dict[str, np.ndarray], dict, torch.nn.Module, torch.Tensor]:
     """The fixture, its meta, and our model quantized as the oracle run was (same images, iterations, batch, seed)."""
     if not _torch_as_the_fixtures():
-        pytest.skip("the fixtures were made under torch 2.14; regenerate them with "
-                    "$PEER_ROOT/oracles/ias_oracle.py --tiny (default ../peers/oracles)")
+        pytest.skip("the fixtures were made under torch 2.14; regenerate them with oracles/ias_oracle.py "
+                    "(the command is in each fixture's meta 'oracle')")
     fixture, meta = load_fixture(name)
     model = tiny_vit()
     batches = oracle_batches(meta)

@@ -1,6 +1,6 @@
 """SULQ (I&S-ViT's shift-uniform-log2 post-Softmax quantizer): the grid by hand, placement as a post-Softmax
 quantizer, and equality with the official class on seeded attention maps (tests/fixtures/sulq_official.npz, made by
-$PEER_ROOT/oracles/sulq_oracle.py, default ../peers/oracles beside the clone, from zysxmu/IaS-ViT @ 9300cea)."""
+oracles/sulq_oracle.py from zysxmu/IaS-ViT @ 9300cea)."""
 
 from __future__ import annotations
 
