@@ -12,6 +12,9 @@ Patches (on top of the base oracle's):
   * timm.create_model -> the tiny model of oracles/_tiny_models.py (tests/pins.py's TINY_VIT / TINY_SWIN) in timm
     0.9.2; its FP weights come from tests/pins.py through the base oracle's --init-weights;
   * _oracle_common.synthetic_batch -> images of tests/pins.py's IMAGE_SHAPE (3x32x32) instead of 224x224, same seeds;
+    (neither with --model deit_tiny: the real timm-0.9.2 deit_tiny_patch16_224 on 224x224 images, --depth N keeps its
+    first N blocks; its weights: tests/pins.py's seeded_state_dict of timm 1.x's deit_tiny, the blocks past N dropped,
+    or --weights official)
   * --cfg k=v,...: the config file's Config.__init__ wrapped to set those attributes (CLI flags still win, as in
     the official main);
   * APHQ-ViT: its argument parser gains --optim-size (into Config.optim_size; FIMA-Q has the flag, APHQ-ViT reads
@@ -21,11 +24,15 @@ Patches (on top of the base oracle's):
   * --clamp-inclusive: torch.clamp / Tensor.clamp with number bounds pass the gradient on the bounds,
     where(min <= x <= max, grad, 0), as torch <= 2.13 (the official READMEs' torch 1.10) did; torch 2.14 gives 0;
   * Adam.step's CUDA-graph-capture health check skipped (the base oracle's fake CUDA device sends it to the driver).
+The base oracle hands its calibration images to every loader of --calib-size images: with --optim-size equal to
+--calib-size the reconstruction runs on them, and the bundle's inputs/optim is rewritten to say so.
 The bundle (.npz + .json sidecar, keys as the base oracle writes them) goes to --out, outside the repository.
 --compare FIXTURE checks every array of a fixture (all keys but ``meta``) against the bundle, bit for bit.
 
   PEER_ROOT=/work/peers /work/peers/venv/bin/python oracles/adalog_family_tiny.py --method aphqvit --model swin \\
       --weights seeded --optimize --optim-size 8 --iters 4 --reseed 7 --clamp-inclusive -- --reconstruct-mlp
+  PEER_ROOT=/work/peers /work/peers/venv/bin/python oracles/adalog_family_tiny.py --method aphqvit --model deit_tiny \
+      --calib-size 8 --optimize --optim-size 8 --iters 4 --reseed 7 --clamp-inclusive --out /abs/path.npz [--depth N]
 """
 from __future__ import annotations
 
@@ -45,7 +52,25 @@ sys.path.insert(0, str(HERE))
 import _tiny_models as tiny
 
 CONFIGS = {"adalog": "configs/{b}bit.py", "aphqvit": "configs/{b}bit/best.py", "fimaq": "configs/{b}bit/best.py"}
-TIMM_NAMES = {"vit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224"}
+TIMM_NAMES = {"vit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224",
+              "deit_tiny": "deit_tiny_patch16_224"}
+#: tests/pins.py's seeded_state_dict of timm 1.x's deit_tiny (made by the repository's interpreter), first blocks kept
+DEIT_WEIGHTS = """import sys, torch, timm
+sys.path.insert(0, sys.argv[1])
+from pins import seeded_state_dict
+depth, out = int(sys.argv[2]), sys.argv[3]
+state = seeded_state_dict(timm.create_model("deit_tiny_patch16_224", pretrained=False))
+torch.save({k: v for k, v in state.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < depth}, out)
+"""
+
+
+def deit_weights(depth: int | None, directory: Path) -> Path:
+    """seeded_state_dict weights of deit_tiny (all 12 blocks' draws, the first ``depth`` kept) as a .pt."""
+    import subprocess
+    out = Path(directory) / f"deit_tiny_seeded_d{depth or 12}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([tiny.MAIN_PYTHON, "-c", DEIT_WEIGHTS, str(REPO / "tests"), str(depth or 12), str(out)], check=True)
+    return out
 
 
 def parse_cfg(text: str) -> dict:
@@ -164,6 +189,18 @@ def official_patches(a, repo: Path):
     torch.optim.Optimizer._accelerator_graph_capture_health_check = lambda self: None
 
 
+def same_sets(bundle: Path) -> None:
+    """The base oracle's loader returns its calibration images for every request of ``calib_size`` images, so with
+    --optim-size equal to --calib-size the reconstruction (and APHQ-ViT's MLP reconstruction) ran on inputs/calib:
+    the bundle's inputs/optim is made to say so."""
+    import numpy as np
+    with np.load(bundle) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["inputs/optim"] = arrays["inputs/calib"]
+    np.savez(bundle, **arrays)
+    print(f"{bundle.name}: optim_size == calib_size, the reconstruction ran on the calibration images (inputs/optim set to them)")
+
+
 def compare(bundle: Path, fixture: Path) -> bool:
     import numpy as np
     with np.load(bundle) as z:
@@ -211,16 +248,23 @@ def main() -> None:
     ap.add_argument("--clamp-inclusive", action="store_true", help="torch <= 2.13's clamp gradient at number bounds")
     ap.add_argument("--cfg", type=parse_cfg, default={}, help="config overrides k=v,k=v")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--depth", type=int, default=None, help="deit_tiny only: its first blocks (default all 12)")
     ap.add_argument("--out", type=Path, default=None, help="bundle .npz (default $PEER_ROOT/oracle_out/<name>.npz)")
     ap.add_argument("--compare", type=Path, default=None, help="a fixture .npz to check the bundle against")
     a = ap.parse_args(argv)
-    weights = a.weights or tiny.DEFAULT_WEIGHTS[a.model]
+    real = a.model == "deit_tiny"
+    if a.depth is not None and not real:
+        raise SystemExit("--depth is for --model deit_tiny")
+    weights = a.weights or ("seeded" if real else tiny.DEFAULT_WEIGHTS[a.model])
     fixture = a.compare.resolve() if a.compare is not None else None  # the base oracle changes directory
     out_dir = Path(os.environ["PEER_ROOT"]) / "oracle_out"
     out = (a.out or out_dir / f"{a.method}_{a.model}_w{a.w_bits}a{a.a_bits}.npz").resolve()
     if REPO in out.parents:
         raise SystemExit(f"{out}: oracle output stays outside the repository")
-    init = None if weights == "official" else tiny.weights_file(a.model, weights, out.parent)
+    if real and weights == "timm":
+        raise SystemExit("deit_tiny takes --weights seeded or official")
+    init = None if weights == "official" else deit_weights(a.depth, out.parent) if real \
+        else tiny.weights_file(a.model, weights, out.parent)
 
     sys.path.insert(0, str(BASE_ORACLES))
     import _oracle_common as C
@@ -232,9 +276,10 @@ def main() -> None:
     def create_model(name, pretrained=False, **kwargs):  # the official main asks for deit_tiny / swin_tiny
         return tiny.build(a.model)
 
-    timm.create_model = tm.create_model = create_model
-    batch = C.synthetic_batch
-    C.synthetic_batch = lambda seed, n, shape=tiny.IMAGE_SHAPE: batch(seed, n, shape)
+    if not real:
+        timm.create_model = tm.create_model = create_model
+        batch = C.synthetic_batch
+        C.synthetic_batch = lambda seed, n, shape=tiny.IMAGE_SHAPE: batch(seed, n, shape)
     fake_cuda = C.fake_cuda_device
 
     def fake_cuda_device(*args, **kwargs):
@@ -249,11 +294,15 @@ def main() -> None:
                 "--out", str(out)]
     if init is not None:
         sys.argv += ["--init-weights", str(init)]
+    if a.depth is not None:
+        sys.argv += ["--depth", str(a.depth)]
     if a.optimize:
         sys.argv += ["--optimize", "--optim-size", str(a.optim_size)]
     if extra:
         sys.argv += ["--", *extra]
     base.main()
+    if a.optimize and a.optim_size == a.calib_size:
+        same_sets(out)
     if fixture is not None and not compare(out, fixture):
         raise SystemExit(1)
 
