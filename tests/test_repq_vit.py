@@ -187,11 +187,12 @@ def test_unknown_softmax_quantizer_is_a_config_error() -> None:
 
 def test_matches_official_code_on_tiny_vit() -> None:
     """Our RepQ-ViT reproduces every quantizer parameter and the logits of the official code (zkkli/RepQ-ViT
-    @ a160561, run by shared/oracles/repqvit_oracle.py on this tiny ViT; see the fixture's ``meta``)."""
+    @ a160561, run on this tiny ViT by oracles/repqvit_tiny.py, which drives shared/oracles/repqvit_oracle.py; see the
+    fixture's ``meta``)."""
     if ranks_in_input_dtype() != FIXTURE_RANKS_IN_INPUT_DTYPE:
         pytest.skip("the fixture was made under torch 2.14 (torch.quantile ranks in double); the official code under "
                     "this torch ranks in float32 and calibrates other percentiles: regenerate it here with "
-                    "shared/oracles/repqvit_oracle.py and python -m ptq_bench.compare --write-fixture")
+                    "oracles/repqvit_tiny.py and python -m ptq_bench.compare --write-fixture")
     fixture, meta = load_fixture("repq_vit_tiny_w4a4.npz")
     model = tiny_vit()
     batches = oracle_batches(meta)
