@@ -1,7 +1,8 @@
 """Compare our implementation of a method with an official-code oracle, tensor by tensor.
 
 An oracle bundle (``shared/oracles``: ``<name>.npz`` plus a ``<name>.json`` sidecar) holds the FP weights the
-official code used (``fp_weight/*``), its calibration and evaluation inputs (``inputs/calib``, ``inputs/eval``),
+official code used (``fp_weight/*``), its calibration, reconstruction and evaluation inputs (``inputs/calib``,
+``inputs/optim`` where it reconstructs, ``inputs/eval``),
 its logits (``logits/fp``, ``logits/q``) and every quantizer parameter (``qparam/<module>.<quantizer>.<attr>``).
 This tool loads the same weights into a timm 1.x model, checks the FP logits first, runs our method on the same
 calibration batch and reports, per quantizer, the largest relative difference of scales and zero points, then
@@ -16,7 +17,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import timm
@@ -25,6 +26,7 @@ from torch import nn
 
 from ptq_bench.calibration import image_calibration
 from ptq_bench.methods import BitWidth, build_method
+from ptq_bench.methods.qdrop import QDrop
 from ptq_bench.models import set_quantizers_enabled
 from ptq_bench.quant.sulq import SulqQuantizer
 
@@ -39,7 +41,7 @@ _SULQ_NAMES = {"scale": "shift", "maxv": "log_max", "minv": "log_min"}
 #: official quantizers that exist but never act, per method (left out of the comparison): the AdaLog code base's
 #: patch-embedding input quantizer at qconv_a_bit = 8 (quant_layers/conv.py ``quant_input`` returns the input for
 #: n_bits >= 8; APHQ-ViT and its QDrop are forks of it)
-IGNORED_QPARAMS = {method: ("patch_embed.proj.a_quantizer.",) for method in ("adalog", "aphq_vit", "qdrop")}
+IGNORED_QPARAMS = {method: ("patch_embed.proj.a_quantizer.",) for method in ("adalog", "aphq_vit", "qdrop", "fima_q")}
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,11 @@ def compare(
     fp_agree = logit_agreement(fp, torch.from_numpy(arrays["logits/fp"]))
     print(f"FP logits vs oracle:        {fp_agree}")
 
-    build_method(method, bits, **options).quantize(model, image_calibration(calib))
+    ours = build_method(method, bits, **options)
+    if "inputs/optim" in arrays and isinstance(ours, QDrop):  # the bundle's own reconstruction set
+        calibrate_and_reconstruct(ours, model, calib, torch.from_numpy(arrays["inputs/optim"]), ours.seed)
+    else:
+        ours.quantize(model, image_calibration(calib))
     qdiffs = qparam_diffs(model, arrays, IGNORED_QPARAMS.get(method, ()))
     wdiffs = weight_diffs(model, arrays)
     if verbose:
@@ -225,6 +231,21 @@ def compare(
         "max_rel_zero_point": max((d.max_rel for d in qdiffs if d.ours.endswith(".zero_point")), default=0.0),
         "logits_q": q,
     }
+
+
+def calibrate_and_reconstruct(method: QDrop, model: nn.Module, calib: torch.Tensor, optim: torch.Tensor, reseed: int,
+                              after_prepare: Callable[[nn.Module, Optional[nn.Module]], None] | None = None) -> None:
+    """A QDrop-family method (QDrop, APHQ-ViT, FIMA-Q) in the official order on separate image sets: its FP
+    reference (:meth:`QDrop.fp_reference`), ``prepare_fp_`` on the reconstruction set ``optim`` (APHQ-ViT's MLP
+    reconstruction), ``after_prepare(model, fp)`` if given, the calibration search on ``calib``, then the
+    reconstruction on ``optim``; each generator seeded ``reseed``, as the oracles reseed the global one."""
+    images = image_calibration(optim)
+    fp = method.fp_reference(model)
+    method.prepare_fp_(model, fp, images, torch.Generator().manual_seed(reseed))
+    if after_prepare is not None:
+        after_prepare(model, fp)
+    method.calibrate_(model, image_calibration(calib))
+    method.reconstruct(model, fp, images, torch.Generator().manual_seed(reseed))
 
 
 def _parse_options(items: Sequence[str]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ptq_bench.calibration import image_calibration
-from ptq_bench.methods.qdrop import fp_copy
+from ptq_bench.compare import calibrate_and_reconstruct as official_order
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: the tiny ViT of the pin fixtures (same architecture in timm 0.4.12, which the official code runs on)
@@ -102,18 +102,10 @@ def quantize_and_evaluate(method: Any, model: nn.Module, batches: OracleBatches)
 
 def calibrate_and_reconstruct(method: Any, model: nn.Module, batches: OracleBatches, reseed: int,
                               after_prepare: Callable[[nn.Module, nn.Module], None] | None = None) -> torch.Tensor:
-    """A QDrop-family method (QDrop, APHQ-ViT, FIMA-Q) in its own order on the oracle's sets: an FP copy,
-    ``prepare_fp_`` on the reconstruction set (APHQ-ViT's MLP reconstruction; nothing for the others), then
-    ``after_prepare(model, fp)`` if given, the calibration on ``batches.calib`` and the reconstruction, each
-    generator seeded ``reseed`` as the oracle reseeds the global one. Returns the quantized logits on ``batches.eval``."""
+    """:func:`ptq_bench.compare.calibrate_and_reconstruct` on the oracle's sets; the quantized logits on
+    ``batches.eval``."""
     assert batches.optim is not None, "the fixture has no reconstruction set (optim_size)"
-    optim = image_calibration(batches.optim)
-    fp = fp_copy(model)
-    method.prepare_fp_(model, fp, optim, torch.Generator().manual_seed(reseed))
-    if after_prepare is not None:
-        after_prepare(model, fp)
-    method.calibrate_(model, image_calibration(batches.calib))
-    method.reconstruct(model, fp, optim, torch.Generator().manual_seed(reseed))
+    official_order(method, model, batches.calib, batches.optim, reseed, after_prepare)
     with torch.no_grad():
         return model(batches.eval)
 
