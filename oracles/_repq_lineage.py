@@ -81,6 +81,24 @@ def swin_to_timm0412(state: dict) -> dict:
     return out
 
 
+def timm1x_name(model: str, key: str) -> str:
+    """A timm 0.4.12 parameter or module path as timm 1.x names it (the inverse of ``swin_to_timm0412``), so that a
+    Swin bundle reads like our models: layers.{i}.downsample.* -> layers.{i+1}.downsample.*, head.* -> head.fc.*."""
+    if model != "swin":
+        return key
+    parts = key.split(".")
+    if parts[0] == "layers" and len(parts) > 2 and parts[2] == "downsample":
+        parts[1] = str(int(parts[1]) + 1)
+    elif parts[0] == "head":
+        parts = ["head", "fc", *parts[1:]]
+    return ".".join(parts)
+
+
+def learned_state(model: str, state: dict, params: set) -> dict:
+    """The state dict's learned tensors (the Swin's index and mask buffers left out) under timm 1.x names."""
+    return {timm1x_name(model, k): v for k, v in state.items() if k in params or model != "swin"}
+
+
 # ------------------------------------------------------------------------------------------ environment
 def setup(peer_repo: str, *sub: str, threads: int = 1):
     """timm 0.4.12 and the official repository on sys.path, torchvision stubbed if it does not import; returns the
@@ -138,21 +156,21 @@ def cuda_to_cpu():
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def quantizer_tensors(C, model) -> dict:
+def quantizer_tensors(C, model, name: str = "vit") -> dict:
     """Every tensor of every official quantizer (delta, zero_point, SULQ's maxv/minv, the two-part grids and their
-    column split), without the ``inited`` flag buffer."""
+    column split), without the ``inited`` flag buffer; module paths as timm 1.x names them."""
     tensors, _ = C.quantizer_state(model)
-    return {f"qparam/{k}": v for k, v in tensors.items() if not k.endswith(".inited")}
+    return {f"qparam/{timm1x_name(name, k)}": v for k, v in tensors.items() if not k.endswith(".inited")}
 
 
 def sha256(tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def weight_digests(model) -> dict:
-    """sha256 of every learned tensor outside the quantizers, in state-dict order."""
-    params = {name for name, _ in model.named_parameters()}
-    return {k: sha256(v) for k, v in model.state_dict().items() if k in params and "quantizer" not in k}
+def weight_digests(model, name: str = "vit") -> dict:
+    """sha256 of every learned tensor outside the quantizers, in state-dict order (timm 1.x names)."""
+    params = {n for n, _ in model.named_parameters()}
+    return {timm1x_name(name, k): sha256(v) for k, v in model.state_dict().items() if k in params and "quantizer" not in k}
 
 
 def compare_fixture(bundle: Path, fixture: Path) -> bool:

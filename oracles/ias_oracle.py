@@ -66,6 +66,7 @@ def main() -> None:
     def build_model_fp(name):
         model = build_model(name).eval()
         cap["fp_sd"] = copy.deepcopy(model.state_dict())
+        cap["fp_params"] = {n for n, _ in model.named_parameters()}
         with torch.no_grad():
             cap["fp_logits"] = model(evalx).clone()
         return model
@@ -98,10 +99,13 @@ def main() -> None:
     stage1, final = cap["logits"]
     arrays = {"inputs/calib": calib.numpy(), "inputs/eval": evalx.numpy(), "logits/fp": cap["fp_logits"].numpy(),
               "logits/stage1": stage1.numpy(), "logits/q": final.numpy(),
-              "q_weight_sha256": np.array(json.dumps(L.weight_digests(qm)))}
-    arrays.update({f"fp_weight/{k}": v for k, v in C.state_dict_np(cap["fp_sd"]).items()})
-    arrays.update({f"q_weight/{k}": v for k, v in C.state_dict_np(qm.state_dict()).items() if "quantizer" not in k})
-    arrays.update(L.quantizer_tensors(C, qm))
+              "q_weight_sha256": np.array(json.dumps(L.weight_digests(qm, a.model)))}
+    params = {n for n, _ in qm.named_parameters()}
+    fp_state = L.learned_state(a.model, C.state_dict_np(cap["fp_sd"]), cap["fp_params"])
+    arrays.update({f"fp_weight/{k}": v for k, v in fp_state.items()})
+    q_state = L.learned_state(a.model, C.state_dict_np(qm.state_dict()), params)
+    arrays.update({f"q_weight/{k}": v for k, v in q_state.items() if "quantizer" not in k})
+    arrays.update(L.quantizer_tensors(C, qm, a.model))
     meta = {"method": "I&S-ViT", "peer_repo": "zysxmu/IaS-ViT", "peer_commit": C.peer_commit(repo),
             "args": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                      "model": "swin_tiny_patch4_window7_224" if a.model == "swin" else "deit_tiny_patch16_224",

@@ -8,7 +8,8 @@ quant/block_recon.py ``block_reconstruction``, quant/layer_recon.py ``layer_reco
 * each unit trains every parameter it holds except the LayerNorm affines (the quantizer parameters are frozen in the
   official code, buffers here) with Adam at ``lr`` and ``CosineAnnealingLR(T_max=iters, eta_min=0)``, one step per
   iteration on ``randperm(n)[:batch_size]`` of the cached inputs, minimizing ``lp_loss``: ‖ŷ - y‖² summed over dim 1,
-  averaged over the rest;
+  averaged over the rest (dim 1 of the official timm 0.4.12 layout: the tokens of a Swin block or reduction output,
+  which timm 1.x shapes (B, H, W, C); :func:`token_loss`);
 * uniform quantizers differentiate their literal expression (``UniformQuantizer.literal_gradient``), as the
   official ``round_ste`` graph does, so that every gradient equals the official one bit for bit.
 """
@@ -58,16 +59,26 @@ def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
+def token_loss(unit: nn.Module, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`lp_loss` with a channels-last map flattened to tokens: timm 1.x Swin blocks and patch-merging reductions
+    give (B, H, W, C) where the official code's timm 0.4.12 Swin gives the same values as (B, H·W, C), so its loss
+    sums over the H·W tokens (not over H alone, which would scale the loss by W and change Adam's steps in rounding).
+    A convolution's (B, C, H, W) output keeps its layout (the official sum is over its channels)."""
+    if output.dim() == 4 and not isinstance(unit, nn.Conv2d):
+        return lp_loss(output.flatten(1, 2), target.flatten(1, 2))
+    return lp_loss(output, target)
+
+
 def unit_loss(unit: nn.Module, inputs: Samples, targets: Samples) -> torch.Tensor:
-    """:func:`lp_loss` of ``unit`` on a batch; for :class:`~ptq_bench.transforms.block_capture.BlockInputs` (a
+    """:func:`token_loss` of ``unit`` on a batch; for :class:`~ptq_bench.transforms.block_capture.BlockInputs` (a
     detector's images of different sizes) the loss of each group of equal shape, weighted by its samples (the official
     code has no detector)."""
     if isinstance(inputs, torch.Tensor):
-        return lp_loss(unit(inputs), targets)  # type: ignore[arg-type]
+        return token_loss(unit, unit(inputs), targets)  # type: ignore[arg-type]
     total = torch.zeros(())
     for positions, x, extra in inputs.groups():
         target = torch.cat([targets.tensors[p] for p in positions])  # type: ignore[union-attr]
-        total = total.to(x.device) + lp_loss(unit(x, *extra), target) * len(positions)
+        total = total.to(x.device) + token_loss(unit, unit(x, *extra), target) * len(positions)
     return total / len(inputs)
 
 
