@@ -22,8 +22,9 @@ def numeric_options(name: str) -> dict[str, float]:
 
 def stated_values(text: str, key: str) -> list[float]:
     """Numbers the text gives ``key`` (`key: 6000`, key 600, `key` = 32, `key` (32)); overrides such as
-    ``method.key=256`` (another protocol, e.g. COCO's) are not statements of the default."""
-    pattern = rf"(?<![\w.]){key}`?(?::|\s*=|\s*\(|\s)\s*(\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?)\b"
+    ``method.key=256`` (another protocol, e.g. COCO's) or an oracle's ``--key 4`` or ``--cfg key=64`` and a call's ``key=64``
+    are not statements of the default."""
+    pattern = rf"(?<![\w.-]){key}`?(?::|\s+=|\s*\(|\s)\s*(\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?)\b"
     return [float(m.replace(",", "")) for m in re.findall(pattern, text)]
 
 
