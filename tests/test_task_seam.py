@@ -198,6 +198,12 @@ def test_runtime_options_stay_out_of_the_identity() -> None:
     assert build_method("ptq4vit", BitWidth(4, 4), capture_mb=7).identity() == method.identity()
 
 
+def test_a_revision_enters_the_identity_only_when_raised() -> None:
+    """A fixed method (I&S-ViT's Swin loss, revision 1) gets new run keys; the others keep theirs."""
+    assert build_method("ias_vit", BitWidth(4, 4)).identity()["revision"] == 1
+    assert "revision" not in build_method("repq_vit", BitWidth(4, 4)).identity()
+
+
 def test_global_seed_drives_the_method_rng() -> None:
     data = image_calibration(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3)))
 

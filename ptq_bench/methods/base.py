@@ -55,6 +55,9 @@ class Method(ABC):
     #: True where every grid is fitted from its quantizer's own bit-width (not the run's ``bits``), so per-layer
     #: bit-widths (``bits.layers``, mixed precision) take effect; otherwise they are refused.
     accepts_layer_bits: ClassVar[bool] = False
+    #: Raised by one when a fix changes the method's results for options it already had, so that records made
+    #: before the fix get other run keys (and are rerun, not resumed); 0 adds nothing to the identity.
+    revision: ClassVar[int] = 0
 
     def __init__(
         self, bits: BitWidth, options: Any, seed: int = 0, progress: bool = False, quantizers: Mapping[str, Any] | None = None
@@ -154,7 +157,8 @@ class Method(ABC):
         table = self.quantizer_table() if self.quantizers else {}
         chosen = {role: {"name": table[role].name, **asdict(table[role].build(self.bits).options)}
                   for role in sorted(self.quantizers)}  # every option, defaults included: a changed default is a new key
-        return identity_options(self.options) | ({"quantizers": chosen} if chosen else {})  # none: earlier run keys
+        return (identity_options(self.options) | ({"quantizers": chosen} if chosen else {})  # none: earlier run keys
+                | ({"revision": self.revision} if self.revision else {}))
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -75,6 +75,9 @@ class IaSViTOptions:
 class IaSViT(Method):
     name = "ias_vit"
     Options = IaSViTOptions
+    #: 1 (2026-12-05): a timm Swin unit's loss sums over its tokens (sos.token_loss), as the official code's does;
+    #: Swin results before it differ
+    revision = 1
 
     def needs(self) -> frozenset[str]:
         return frozenset({"layernorm_pairs", "blocks"})
