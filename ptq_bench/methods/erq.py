@@ -6,7 +6,9 @@ Recipe as the official code runs it (zysxmu/ERQ @ 2f5b4ce test_quant_expand.py `
 
 1. quantizers: RepQ-ViT's table (:func:`ptq_bench.methods.repq_vit.repq_placement`) except that the
    patch-embedding input is not quantized (ERQ's QuantConv2d has no input quantizer), weights search ERQ's ten
-   percentiles (``erq_weight`` observer) and qkv/fc1 weights get two grids per row (``erq_two_part``);
+   percentiles (``erq_weight`` observer), qkv/fc1 weights get two grids per row (``erq_two_part``) and Swin's
+   patch-merging reduction input is per tensor, left out of the reparameterization (only qkv/fc1 inputs are per
+   channel in quant_model.py; ``reparameterization`` edits norm1/norm2 only);
 2. activation quantizers calibrate on the first ``act_calib_size`` images with the weights in FP
    (``set_quant_state(input_quant=True, weight_quant=False)``; ``calib_data[:32]``);
 3. RepQ-ViT's LayerNorm→Linear scale reparameterization (norm1→qkv, norm2→fc1);
@@ -35,7 +37,7 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, Method
 from ptq_bench.methods.repq_vit import repq_placement
-from ptq_bench.models import calibrating, quantizers_off
+from ptq_bench.models import calibrating, layernorm_linear_pairs, quantizers_off
 from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.erq import TwoPartWeightQuantizer, fake_quantize
@@ -88,6 +90,7 @@ class ERQ(Method):
     @torch.no_grad()
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         self.place_quantizers_(model)
+        reductions = self._per_tensor_reductions_(model)
         if self.options.two_part_weights:
             self._two_part_weights_(model)
         layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -99,7 +102,8 @@ class ERQ(Method):
         with calibrating(model):
             data.run(model, limit=self.options.act_calib_size)
         with keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization") as check:
-            edited = reparameterize_layernorm_(model, mean_target)
+            pairs = [p for p in layernorm_linear_pairs(model) if not any(id(linear) in reductions for linear in p.linears)]
+            edited = reparameterize_layernorm_(model, mean_target, pairs=pairs)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
         self._reduced: set[int] = set()
         self._pooled = {id(layer): [] for layer in _called_more_than_once(model, layers, data)}
@@ -116,6 +120,19 @@ class ERQ(Method):
         for quantizer in weight_quantizers:
             quantizer.enabled = True
         return model
+
+    def _per_tensor_reductions_(self, model: nn.Module) -> set[int]:
+        """Swin's patch-merging reductions take a per-tensor input quantizer (quant_model.py: only qkv and fc1 inputs
+        are per channel) and are left out of the fold (``reparameterization`` edits norm1/norm2 only), as in
+        I&S-ViT; returns their ids."""
+        reductions = set()
+        for name, module in model.named_modules():
+            if name.endswith("downsample.reduction") and isinstance(module, QuantLinear) and module.input_quantizer is not None:
+                quantizer = self.quantizer_table()["activation"].build(self.bits).to(module.weight.device)
+                quantizer.role = module.input_quantizer.role
+                module.input_quantizer = quantizer
+                reductions.add(id(module))
+        return reductions
 
     def _two_part_weights_(self, model: nn.Module) -> None:
         """qkv and fc1 (the Linears after norm1 and norm2 in the blocks) get the two-part weight quantizer."""
