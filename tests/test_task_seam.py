@@ -199,8 +199,10 @@ def test_runtime_options_stay_out_of_the_identity() -> None:
 
 
 def test_a_revision_enters_the_identity_only_when_raised() -> None:
-    """A fixed method (I&S-ViT's Swin loss, revision 1) gets new run keys; the others keep theirs."""
+    """A fixed method (I&S-ViT's Swin loss, ERQ's Swin reduction: revision 1) gets new run keys; the others keep
+    theirs."""
     assert build_method("ias_vit", BitWidth(4, 4)).identity()["revision"] == 1
+    assert build_method("erq", BitWidth(4, 4)).identity()["revision"] == 1
     assert "revision" not in build_method("repq_vit", BitWidth(4, 4)).identity()
 
 

@@ -65,6 +65,9 @@ class ERQOptions:
 class ERQ(Method):
     name = "erq"
     Options = ERQOptions
+    #: 1 (2026-12-05): a Swin patch-merging reduction's input per tensor and outside the LayerNorm fold, as the
+    #: official code has it (timm Swin and the mmdet detectors' backbones); results before it differ
+    revision = 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
