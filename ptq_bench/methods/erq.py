@@ -36,7 +36,7 @@ from ptq_bench.architectures import architecture_for
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, Method
-from ptq_bench.methods.repq_vit import repq_placement
+from ptq_bench.methods.repq_vit import per_tensor_reductions_, repq_placement
 from ptq_bench.models import calibrating, layernorm_linear_pairs, quantizers_off
 from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.quant.base import Quantizer
@@ -93,7 +93,7 @@ class ERQ(Method):
     @torch.no_grad()
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         self.place_quantizers_(model)
-        reductions = self._per_tensor_reductions_(model)
+        reductions = per_tensor_reductions_(model, self)
         if self.options.two_part_weights:
             self._two_part_weights_(model)
         layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -123,19 +123,6 @@ class ERQ(Method):
         for quantizer in weight_quantizers:
             quantizer.enabled = True
         return model
-
-    def _per_tensor_reductions_(self, model: nn.Module) -> set[int]:
-        """Swin's patch-merging reductions take a per-tensor input quantizer (quant_model.py: only qkv and fc1 inputs
-        are per channel) and are left out of the fold (``reparameterization`` edits norm1/norm2 only), as in
-        I&S-ViT; returns their ids."""
-        reductions = set()
-        for name, module in model.named_modules():
-            if name.endswith("downsample.reduction") and isinstance(module, QuantLinear) and module.input_quantizer is not None:
-                quantizer = self.quantizer_table()["activation"].build(self.bits).to(module.weight.device)
-                quantizer.role = module.input_quantizer.role
-                module.input_quantizer = quantizer
-                reductions.add(id(module))
-        return reductions
 
     def _two_part_weights_(self, model: nn.Module) -> None:
         """qkv and fc1 (the Linears after norm1 and norm2 in the blocks) get the two-part weight quantizer."""

@@ -36,10 +36,9 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, Method
 from ptq_bench.methods.qdrop import fp_copy
-from ptq_bench.methods.repq_vit import repq_placement
+from ptq_bench.methods.repq_vit import per_tensor_reductions_, repq_placement
 from ptq_bench.models import calibrating, layernorm_linear_pairs, named_quantizers
 from ptq_bench.models.placement import QuantizerSpec
-from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.quant.observers import OBSERVERS, percentile_observer
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
@@ -97,7 +96,7 @@ class IaSViT(Method):
         if usable == 0 and o.iters > 0:
             raise ConfigError(f"ias_vit: batch_size {o.batch_size} needs at least that many calibration samples (got {len(data)})")
         self.place_quantizers_(model)
-        reductions = self._per_tensor_reductions_(model)
+        reductions = per_tensor_reductions_(model, self)
         fp_model = fp_copy(model)  # the FP function with the explicit attention, as the official teacher computes it
         for _, quantizer in named_quantizers(fp_model):
             quantizer.enabled = False
@@ -119,18 +118,6 @@ class IaSViT(Method):
                 quantizer.params_changed()
         self._reconstruct(model, fp_model, data, usable, "stage 3")
         return model
-
-    def _per_tensor_reductions_(self, model: nn.Module) -> set[int]:
-        """Swin's patch-merging reductions take a per-tensor input quantizer (quant_model.py: only qkv and fc1 inputs
-        are per channel), left out of the fold; returns their ids."""
-        reductions = set()
-        for name, module in model.named_modules():
-            if name.endswith("downsample.reduction") and isinstance(module, QuantLinear) and module.input_quantizer is not None:
-                quantizer = self.quantizer_table()["activation"].build(self.bits).to(module.weight.device)
-                quantizer.role = module.input_quantizer.role
-                module.input_quantizer = quantizer
-                reductions.add(id(module))
-        return reductions
 
     def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData, usable: int, stage: str) -> None:
         """Every unit in order, on its first ``usable`` samples: stage 1 from the FP model's unit inputs, stage 3 from

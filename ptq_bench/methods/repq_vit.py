@@ -40,6 +40,7 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.methods.base import METHODS, Method
 from ptq_bench.models import calibrating
 from ptq_bench.models.placement import QuantizerSpec
+from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
 from ptq_bench.transforms.reparam import folded_pairs
 from ptq_bench.transforms.invariants import keeps_fp_function
@@ -68,6 +69,20 @@ def repq_placement(softmax_quantizer: str, softmax_options: Mapping[str, Mapping
         "patch_embed": QuantizerSpec("uniform", PATCH_EMBED_INPUT_BITS, per_tensor),
         "activation": QuantizerSpec("uniform", "a", per_tensor),
     }
+
+
+def per_tensor_reductions_(model: nn.Module, method: Method) -> set[int]:
+    """Swin's patch-merging reductions get a per-tensor input quantizer (``method``'s ``activation`` spec; the
+    lineage's quant_model.py sets per channel only for qkv and fc1 inputs) and stay out of the LayerNorm fold
+    (``reparameterization`` edits norm1/norm2 only), as I&S-ViT and ERQ have it; returns their ids."""
+    reductions = set()
+    for name, module in model.named_modules():
+        if name.endswith("downsample.reduction") and isinstance(module, QuantLinear) and module.input_quantizer is not None:
+            quantizer = method.quantizer_table()["activation"].build(method.bits).to(module.weight.device)
+            quantizer.role = module.input_quantizer.role
+            module.input_quantizer = quantizer
+            reductions.add(id(module))
+    return reductions
 
 
 @METHODS.register("repq_vit")
