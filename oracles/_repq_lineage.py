@@ -16,7 +16,6 @@ Run under the repository's .venv to dump weights:  python oracles/_repq_lineage.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import os
 import subprocess
@@ -24,6 +23,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _tiny_models as tiny  # noqa: E402
+
 REPO = HERE.parent
 PINS = REPO / "tests" / "pins.py"
 PEER_ROOT = Path(os.environ.setdefault("PEER_ROOT", str(REPO.parent / "peers")))
@@ -33,19 +35,9 @@ MAIN_PYTHON = os.environ.get("MAIN_PYTHON", str(REPO / ".venv" / "bin" / "python
 OFFICIAL_NAMES = {"vit": "deit_tiny", "swin": "swin_tiny"}
 
 
-def pins_constant(name: str):
-    """A module-level constant of tests/pins.py (``dict(...)`` or a literal), read without importing it."""
-    for node in ast.parse(PINS.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            value = node.value
-            if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "dict":
-                return {k.arg: ast.literal_eval(k.value) for k in value.keywords}
-            return ast.literal_eval(value)
-    raise KeyError(f"{name} not found in {PINS}")
-
-
-TINY = {"vit": pins_constant("TINY_VIT"), "swin": pins_constant("TINY_SWIN")}
-IMAGE_SHAPE = tuple(pins_constant("IMAGE_SHAPE"))
+#: tests/pins.py's tiny models and image shape, read from its source by oracles/_tiny_models.py
+TINY = {"vit": tiny.TINY_VIT, "swin": tiny.TINY_SWIN}
+IMAGE_SHAPE = tiny.IMAGE_SHAPE
 
 
 # ------------------------------------------------------------------------------------------------ weights
