@@ -147,6 +147,49 @@ def cuda_to_cpu():
     torch.Tensor.to = to_cpu
 
 
+def patch_test_quant(tq, calib, evalx) -> dict:
+    """The I/O patches of a lineage ``test_quant`` module (test_quant.py / test_quant_expand.py): ``build_dataset``
+    -> one batch of ``calib`` and of ``evalx``; ``build_model`` -> the official build, its FP state, parameter names
+    and logits on ``evalx`` captured; ``validate`` -> the quantized logits on ``evalx`` captured (one per call) instead
+    of an ImageNet evaluation. Returns the capture: fp_sd, fp_params, fp_logits, logits (list), q_model."""
+    import copy
+
+    import torch
+    cap: dict = {"logits": []}
+    build_model = tq.build_model
+
+    def build_dataset(args):
+        return [(calib, torch.zeros(len(calib), dtype=torch.long))], [(evalx, torch.zeros(len(evalx), dtype=torch.long))]
+
+    def build_model_fp(name):
+        model = build_model(name).eval()
+        cap["fp_sd"] = copy.deepcopy(model.state_dict())
+        cap["fp_params"] = {n for n, _ in model.named_parameters()}
+        with torch.no_grad():
+            cap["fp_logits"] = model(evalx).clone()
+        return model
+
+    def validate(args, val_loader, model, criterion, device):
+        model.eval()
+        with torch.no_grad():
+            cap["logits"].append(model(evalx).clone())
+        cap["q_model"] = model
+        return 0.0, 0.0, 0.0
+
+    tq.build_dataset, tq.build_model, tq.validate = build_dataset, build_model_fp, validate
+    return cap
+
+
+def official_args(tq, a, *extra: str):
+    """``tq.get_args_parser()`` on the wrapper's I/O flags (``a``: model, sizes, seed, bits; CPU, no workers) plus
+    ``extra`` official flags."""
+    parser = argparse.ArgumentParser(parents=[tq.get_args_parser()])
+    return parser.parse_args([
+        "--model", OFFICIAL_NAMES[a.model], "--dataset", "<synthetic>", "--calib-batchsize", str(a.calib_size),
+        "--val-batchsize", str(a.eval_size), "--num-workers", "0", "--device", "cpu", "--seed", str(a.seed),
+        "--w_bits", str(a.w_bits), "--a_bits", str(a.a_bits), *extra])
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 def quantizer_tensors(C, model, name: str = "vit") -> dict:
     """Every tensor of every official quantizer (delta, zero_point, SULQ's maxv/minv, the two-part grids and their

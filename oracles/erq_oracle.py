@@ -27,8 +27,6 @@ Compare with ours: python -m ptq_bench.compare --oracle BUNDLE --method erq --mo
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import os
 import shutil
@@ -52,7 +50,6 @@ def main() -> None:
     C, repo = L.setup("ERQ", threads=a.threads)
     import numpy as np
     import timm
-    import torch
     L.cuda_to_cpu()
     weights = L.weights_file(a.model, a.out.parent)
     timm.create_model = L.tiny_create_model(a.model, weights)
@@ -62,34 +59,9 @@ def main() -> None:
 
     calib = C.synthetic_batch(a.seed + 1000, a.calib_size, L.IMAGE_SHAPE)
     evalx = C.synthetic_batch(a.seed + 2000, a.eval_size, L.IMAGE_SHAPE)
-    cap: dict = {}
+    cap = L.patch_test_quant(tq, calib, evalx)
 
-    def build_dataset(args):
-        return [(calib, torch.zeros(len(calib), dtype=torch.long))], [(evalx, torch.zeros(len(evalx), dtype=torch.long))]
-
-    build_model = tq.build_model
-
-    def build_model_fp(name):
-        model = build_model(name).eval()
-        cap["fp_sd"] = copy.deepcopy(model.state_dict())
-        cap["fp_params"] = {n for n, _ in model.named_parameters()}
-        with torch.no_grad():
-            cap["fp_logits"] = model(evalx).clone()
-        return model
-
-    def validate(args, val_loader, model, criterion, device):
-        model.eval()
-        with torch.no_grad():
-            cap["q_logits"] = model(evalx).clone()
-        cap["q_model"] = model
-        return 0.0, 0.0, 0.0
-
-    tq.build_dataset, tq.build_model, tq.validate = build_dataset, build_model_fp, validate
-    parser = argparse.ArgumentParser(parents=[tq.get_args_parser()])
-    tq.args = parser.parse_args([
-        "--model", L.OFFICIAL_NAMES[a.model], "--dataset", "<synthetic>", "--calib-batchsize", str(a.calib_size),
-        "--val-batchsize", str(a.eval_size), "--num-workers", "0", "--device", "cpu", "--seed", str(a.seed),
-        "--w_bits", str(a.w_bits), "--a_bits", str(a.a_bits), "--coe", str(a.coe)])
+    tq.args = L.official_args(tq, a, "--coe", str(a.coe))
     work = Path(tempfile.mkdtemp(prefix="erq_fp_output_", dir=a.out.parent))
     cwd = os.getcwd()
     os.chdir(work)
@@ -101,7 +73,7 @@ def main() -> None:
 
     qm = cap["q_model"]
     arrays = {"inputs/calib": calib.numpy(), "inputs/eval": evalx.numpy(), "logits/fp": cap["fp_logits"].numpy(),
-              "logits/q": cap["q_logits"].numpy()}
+              "logits/q": cap["logits"][-1].numpy()}
     params = {n for n, _ in qm.named_parameters()}
     fp_state = L.learned_state(a.model, C.state_dict_np(cap["fp_sd"]), cap["fp_params"])
     arrays.update({f"fp_weight/{k}": v for k, v in fp_state.items()})

@@ -28,8 +28,6 @@ Compare with ours: python -m ptq_bench.compare --oracle BUNDLE --method ias_vit 
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -56,27 +54,7 @@ def main() -> None:
 
     calib = C.synthetic_batch(a.seed + 1000, a.calib_size, L.IMAGE_SHAPE)
     evalx = C.synthetic_batch(a.seed + 2000, a.eval_size, L.IMAGE_SHAPE)
-    cap: dict = {"logits": []}
-
-    def build_dataset(args):
-        return [(calib, torch.zeros(len(calib), dtype=torch.long))], [(evalx, torch.zeros(len(evalx), dtype=torch.long))]
-
-    build_model = tq.build_model
-
-    def build_model_fp(name):
-        model = build_model(name).eval()
-        cap["fp_sd"] = copy.deepcopy(model.state_dict())
-        cap["fp_params"] = {n for n, _ in model.named_parameters()}
-        with torch.no_grad():
-            cap["fp_logits"] = model(evalx).clone()
-        return model
-
-    def validate(args, val_loader, model, criterion, device):
-        model.eval()
-        with torch.no_grad():
-            cap["logits"].append(model(evalx).clone())
-        cap["q_model"] = model
-        return 0.0, 0.0, 0.0
+    cap = L.patch_test_quant(tq, calib, evalx)
 
     def unit(fn):
         def run(*args, **kw):
@@ -86,13 +64,8 @@ def main() -> None:
             return fn(*args, **kw)
         return run
 
-    tq.build_dataset, tq.build_model, tq.validate = build_dataset, build_model_fp, validate
     tq.block_reconstruction, tq.layer_reconstruction = unit(tq.block_reconstruction), unit(tq.layer_reconstruction)
-    parser = argparse.ArgumentParser(parents=[tq.get_args_parser()])
-    tq.args = parser.parse_args([
-        "--model", L.OFFICIAL_NAMES[a.model], "--dataset", "<synthetic>", "--calib-batchsize", str(a.calib_size),
-        "--val-batchsize", str(a.eval_size), "--num-workers", "0", "--device", "cpu", "--seed", str(a.seed),
-        "--w_bits", str(a.w_bits), "--a_bits", str(a.a_bits), "--w_cw", "--iter", str(a.iters)])
+    tq.args = L.official_args(tq, a, "--w_cw", "--iter", str(a.iters))
     tq.main()
 
     qm = cap["q_model"]
