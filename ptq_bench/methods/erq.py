@@ -37,7 +37,7 @@ from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, Method
 from ptq_bench.methods.repq_vit import per_tensor_reductions_, repq_placement
-from ptq_bench.models import calibrating, layernorm_linear_pairs, quantizers_off
+from ptq_bench.models import calibrating, quantizers_off
 from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.quant.base import Quantizer
 from ptq_bench.quant.erq import TwoPartWeightQuantizer, fake_quantize
@@ -93,7 +93,7 @@ class ERQ(Method):
     @torch.no_grad()
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         self.place_quantizers_(model)
-        reductions = per_tensor_reductions_(model, self)
+        pairs = per_tensor_reductions_(model, self)  # the norm → Linear pairs to fold
         if self.options.two_part_weights:
             self._two_part_weights_(model)
         layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -105,7 +105,6 @@ class ERQ(Method):
         with calibrating(model):
             data.run(model, limit=self.options.act_calib_size)
         with keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization") as check:
-            pairs = [p for p in layernorm_linear_pairs(model) if not any(id(linear) in reductions for linear in p.linears)]
             edited = reparameterize_layernorm_(model, mean_target, pairs=pairs)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
         self._reduced: set[int] = set()

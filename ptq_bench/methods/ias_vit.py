@@ -37,7 +37,7 @@ from ptq_bench.errors import ConfigError
 from ptq_bench.methods.base import METHODS, Method
 from ptq_bench.methods.qdrop import fp_copy
 from ptq_bench.methods.repq_vit import per_tensor_reductions_, repq_placement
-from ptq_bench.models import calibrating, layernorm_linear_pairs, named_quantizers
+from ptq_bench.models import calibrating, named_quantizers
 from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.quant.observers import OBSERVERS, percentile_observer
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
@@ -96,7 +96,7 @@ class IaSViT(Method):
         if usable == 0 and o.iters > 0:
             raise ConfigError(f"ias_vit: batch_size {o.batch_size} needs at least that many calibration samples (got {len(data)})")
         self.place_quantizers_(model)
-        reductions = per_tensor_reductions_(model, self)
+        pairs = per_tensor_reductions_(model, self)  # the norm → Linear pairs to fold
         fp_model = fp_copy(model)  # the FP function with the explicit attention, as the official teacher computes it
         for _, quantizer in named_quantizers(fp_model):
             quantizer.enabled = False
@@ -107,7 +107,6 @@ class IaSViT(Method):
             data.run(model, limit=o.init_size)
         self._reconstruct(model, fp_model, data, usable, "stage 1")
         with torch.no_grad(), keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization") as check:
-            pairs = [p for p in layernorm_linear_pairs(model) if not any(id(linear) in reductions for linear in p.linears)]
             edited = reparameterize_layernorm_(model, mean_target, pairs=pairs)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
         with torch.no_grad():  # the official second calibration forward: only the weight quantizers are new

@@ -38,7 +38,8 @@ from torch import nn
 
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.methods.base import METHODS, Method
-from ptq_bench.models import calibrating
+from ptq_bench.architectures.base import NormLinearPair
+from ptq_bench.models import calibrating, layernorm_linear_pairs
 from ptq_bench.models.placement import QuantizerSpec
 from ptq_bench.quant.layers import QuantLinear
 from ptq_bench.transforms import mean_target, reparameterize_layernorm_
@@ -71,10 +72,11 @@ def repq_placement(softmax_quantizer: str, softmax_options: Mapping[str, Mapping
     }
 
 
-def per_tensor_reductions_(model: nn.Module, method: Method) -> set[int]:
+def per_tensor_reductions_(model: nn.Module, method: Method) -> list[NormLinearPair]:
     """Swin's patch-merging reductions get a per-tensor input quantizer (``method``'s ``activation`` spec; the
     lineage's quant_model.py sets per channel only for qkv and fc1 inputs) and stay out of the LayerNorm fold
-    (``reparameterization`` edits norm1/norm2 only), as I&S-ViT and ERQ have it; returns their ids."""
+    (``reparameterization`` edits norm1/norm2 only), as I&S-ViT and ERQ have it; returns the norm → Linear pairs
+    left to fold."""
     reductions = set()
     for name, module in model.named_modules():
         if name.endswith("downsample.reduction") and isinstance(module, QuantLinear) and module.input_quantizer is not None:
@@ -82,7 +84,7 @@ def per_tensor_reductions_(model: nn.Module, method: Method) -> set[int]:
             quantizer.role = module.input_quantizer.role
             module.input_quantizer = quantizer
             reductions.add(id(module))
-    return reductions
+    return [p for p in layernorm_linear_pairs(model) if not any(id(linear) in reductions for linear in p.linears)]
 
 
 @METHODS.register("repq_vit")
