@@ -53,8 +53,11 @@ class DetectionLinearSearch(AphqLinearSearch):
     ``AsymmetricallyChannelWiseBatchingQuantLinear`` (:meth:`search_channel_wise`, then :meth:`reparameterized` and
     :meth:`search`). Results: ``w_scale``/``w_zp`` (n_v, rows, 1), ``a_scale``/``a_zp`` (1,) or (in_features,)."""
 
-    def __init__(self, *args, post_relu: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, out: torch.Tensor, w_bits: int,
+                 a_bits: int, settings: SearchSettings, n_v: int = 1, channel_wise: bool = False,
+                 post_relu: bool = False) -> None:
+        super().__init__(weight, bias, x, out, w_bits, a_bits, settings, n_v=n_v, channel_wise=channel_wise)
+        #: the fork's ``fix_zp_zero`` (fc2 with MLP reconstruction): acts in :meth:`search_channel_wise` only
         self.post_relu = post_relu
 
     def _init_chunks(self) -> None:
