@@ -1,7 +1,8 @@
 """COCO detection through mmdet 3 (task=coco): a tiny COCO-format dataset written here, a randomly initialised
-Mask R-CNN with a shrunken mmdet Swin backbone, end to end through run.py (fp, repq_vit, dopq_vit with a tiny
-reconstruction), the mmdet Swin adapter (FP function with quantizers off, RepQ-ViT fold keeps it, block capture with
-hw_shape), and the conversion of the Swin repository's mmdet-2.x checkpoint keys. Skipped without the detection extra."""
+Mask R-CNN with a shrunken mmdet Swin backbone, end to end through run.py (fp, repq_vit, dopq_vit and qdrop with a
+tiny reconstruction), APHQ-ViT's detection pipeline (RPN Hessian, MLP and unit reconstruction), the mmdet Swin
+adapter (FP function with quantizers off, RepQ-ViT fold keeps it, block capture with hw_shape), and the conversion
+of the Swin repository's mmdet-2.x checkpoint keys. Skipped without the detection extra."""
 
 from __future__ import annotations
 
@@ -234,11 +235,13 @@ def test_run_py_task_coco_fp_repq_and_reconstruction(tmp_path, coco_root, tiny_c
               f"results_dir={runs}", f"hydra.run.dir={tmp_path / 'out'}", *QUIET]
     for method in (["method=fp"], ["method=repq_vit", "bits=w4a4", "method.calib_size=2"],
                    ["method=dopq_vit", "bits=w4a4", "method.calib_size=2", "method.init_calib_size=2", "method.iters=2",
-                    "method.batch_size=1"]):
+                    "method.batch_size=1"],
+                   ["method=qdrop", "bits=w4a4", "method.calib_size=2", "method.search_size=1", "method.batch_size=1",
+                    "method.iters=2"]):
         result = run_cli(*common, *method)
         assert result.returncode == 0, result.stderr[-3000:]
     by_method = {r["method"]["name"]: r for r in records(runs)}
-    assert set(by_method) == {"fp", "repq_vit", "dopq_vit"}
+    assert set(by_method) == {"fp", "repq_vit", "dopq_vit", "qdrop"}
     for record in by_method.values():
         metrics = record["metrics"]
         assert record["task"] == "coco" and record["primary_metric"] == "bbox_mAP"
@@ -406,13 +409,115 @@ def test_erq_reduces_a_head_shared_by_the_fpn_levels_on_the_rows_of_every_level(
     assert counts["backbone.stages.0.blocks.0.attn.w_msa.qkv"] == inputs.shape[0] * inputs.shape[2] * inputs.shape[3] // 16
 
 
+def confident_rpn(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose RPN objectness exceeds 0.7 everywhere (random weights score about 0.5: the detection Hessian's
+    box term would be 0/0)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.rpn_head.rpn_cls.bias.fill_(1.0)
+    return model
+
+
+def test_rpn_loss_is_the_forks_two_self_normalized_terms():
+    """L = L_cls/sg(L_cls) + L_box/sg(L_box): value 2, gradient each term's gradient over its value; the box term
+    counts only the four deltas of anchors whose FP score exceeds 0.7."""
+    from ptq_bench.transforms.aph_detection import rpn_loss
+
+    g = torch.Generator().manual_seed(0)
+    cls = [torch.randn(1, 3, 4, 5, generator=g, requires_grad=True)]
+    box = [torch.randn(1, 12, 4, 5, generator=g, requires_grad=True)]
+    prob = [torch.rand(1, 3, 4, 5, generator=g)]
+    box_fp = [torch.randn(1, 12, 4, 5, generator=g)]
+    loss = rpn_loss((cls, box), (prob, box_fp))
+    loss.backward()
+    assert loss.item() == pytest.approx(2.0)
+
+    p, t = torch.sigmoid(cls[0].detach()).requires_grad_(True), prob[0]
+    kl = (t * (t.log() - p.log()) + (1 - t) * ((1 - t).log() - (1 - p).log())).mean()
+    keep = (t > 0.7).repeat_interleave(4, dim=1)  # anchor a's mask on channels 4a .. 4a + 3
+    b = box[0].detach().requires_grad_(True)
+    smooth = torch.nn.functional.smooth_l1_loss(b[keep], box_fp[0][keep], reduction="sum") / b.numel()
+    (kl / kl.item()).backward()
+    (smooth / smooth.item()).backward()
+    expected_cls = p.grad * p.detach() * (1 - p.detach())  # through the sigmoid
+    assert torch.allclose(cls[0].grad, expected_cls, atol=1e-7)
+    assert torch.allclose(box[0].grad, b.grad, atol=1e-7)
+    assert (box[0].grad[~keep] == 0).all()
+
+
+def test_detection_hessian_needs_confident_rpn_anchors_and_is_per_image_with_mean_one(built):
+    from ptq_bench.errors import ConfigError
+    from ptq_bench.methods.qdrop import fp_copy
+    from ptq_bench.transforms.aph_detection import perturbation_hessians, rpn_targets
+
+    _, model, data = built
+    with pytest.raises(ConfigError, match="no RPN objectness above 0.7"):
+        rpn_targets(fp_copy(copy.deepcopy(model)), data)
+    fp = fp_copy(confident_rpn(model))
+    targets = rpn_targets(fp, data)
+    blocks = capture_block_inputs(fp, fp.backbone.stages[0].blocks[1], data, 1)
+    hessians = perturbation_hessians(fp, fp.backbone.stages[0].blocks[1], data, targets)
+    assert [h.shape for h in hessians] == [x.shape for x in blocks.tensors]  # one per image, the block output's shape
+    for h in hessians:
+        assert (h >= 0).all() and h.mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
 @pytest.mark.parametrize("method", ["qdrop", "aphq_vit"])
-def test_aphq_family_refuses_a_detector_before_any_work(built, method):
-    """The official detection fork calibrates and reconstructs otherwise (docs/methods/aphq_vit.md): refused up front."""
+def test_aphq_family_on_a_detector_follows_the_detection_fork(built, method):
+    """The detection fork's pipeline (docs/methods/aphq_vit.md "Detectors"): every conv but the patch embedding's
+    takes a per-tensor input grid, every quantizer is searched on one image, units train one image per step and
+    bake their rounding, APHQ-ViT's FFNs are ReLU; the quantized detector still detects."""
+    from ptq_bench.quant.layers import QuantConv2d
+
+    task, model, data = built
+    options = {"batch_size": 1, "search_size": 1, "iters": 3}
+    if method == "aphq_vit":
+        options |= {"mlp_iters": 2, "mlp_pct": 0.999}
+    quantized = build_method(method, BitWidth(4, 4), **options).quantize(confident_rpn(model), data)
+    quantizers = dict(named_quantizers(quantized))
+    assert quantizers and all(q.calibrated for q in quantizers.values())
+    convs = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantConv2d)}
+    assert convs["backbone.patch_embed.projection"].input_quantizer is None
+    for name in ("neck.fpn_convs.0.conv", "rpn_head.rpn_conv", "roi_head.mask_head.convs.0.conv"):
+        grid = convs[name].input_quantizer
+        assert isinstance(grid, UniformQuantizer) and grid.scale.numel() == 1
+    for name in ("backbone.stages.0.blocks.0.ffn.layers.1", "neck.fpn_convs.0.conv"):  # reconstructed: rounding baked
+        layer = dict(quantized.named_modules())[name]
+        steps = layer.weight / layer.weight_quantizer.scale
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+    acts = [type(b.ffn.layers[0][1]).__name__ for _, b in quantized.named_modules() if type(b).__name__ == "SwinBlock"]
+    assert set(acts) == ({"ReLU"} if method == "aphq_vit" else {"GELU"})
+    boxes = detections(task, quantized, data)
+    assert all(torch.isfinite(b).all() and len(b) for b in boxes)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("qdrop", {}, "set method.batch_size=1 method.search_size=1"),
+    ("fima_q", {}, "differentiates a KL of class logits"),
+    ("fima_q", {"iters": 0}, "fima_q on a detector is not built"),
+])
+def test_aphq_family_on_a_detector_is_refused_before_any_work_where_it_cannot_run(built, method, options, message):
+    """One image at a time, as the detection fork; FIMA-Q has no detection code."""
     from ptq_bench.errors import ConfigError
 
     _, model, data = built
     target = copy.deepcopy(model)
-    with pytest.raises(ConfigError, match=f"{method} on a detector is not built"):
-        build_method(method, BitWidth(4, 4)).quantize(target, data)
-    assert not list(named_quantizers(target))  # nothing placed, nothing calibrated
+    with pytest.raises(ConfigError, match=message):
+        build_method(method, BitWidth(4, 4), **options).quantize(target, data)
+    assert not list(named_quantizers(target))
+
+
+def test_detection_mlp_reconstruction_leaves_the_fp_ffns_shifted_as_the_fork_does(built):
+    """The fork resets its perturbation flags on the block, not on the MLP: each FP FFN keeps its -1e-3 shift."""
+    from ptq_bench.methods.aphq_vit_detection import reconstruct_detector_mlps_, swin_ffns
+    from ptq_bench.methods.qdrop import fp_copy
+
+    _, model, data = built
+    model = confident_rpn(model)
+    fp = fp_copy(model)
+    reference = dict(swin_ffns(fp_copy(model)))
+    reconstruct_detector_mlps_(copy.deepcopy(model), fp, data, iters=1, lr=1e-4, quant_weight=2.0, pct=0.999)
+    x = torch.randn(1, 5, 16)
+    for name, ffn in swin_ffns(fp)[:2]:
+        with torch.no_grad():
+            assert torch.allclose(ffn(x), reference[name](x) - 1e-3, atol=1e-6)

@@ -328,15 +328,21 @@ def test_fimaq_readme_fills_its_cells_and_keeps_a_rank_15_run_apart():
 
 def test_aphqvit_coco_rows_take_erq_and_the_256_image_ias_vit_runs():
     """APHQ-ViT Table 2: ERQ runs at its YAML; I&S-ViT's row is the 256-image run the experiment asks for (its YAML's
-    1,024 images do not fit a detector's block captures), and a run at the YAML's size is another protocol."""
+    1,024 images do not fit a detector's block captures), and a run at the YAML's size is another protocol; QDrop and
+    APHQ-ViT fill their rows with runs at the detection code's protocol (one image at a time, the search on one)."""
     def coco(method: str, ap: float, **options: Any) -> dict:
         rec = record(method, "mask_rcnn_swin_t", (4, 4), 0.0, options=options or None, display="MaskRCNN-Swin-T")
         return {**rec, "task": "coco", "primary_metric": "bbox_mAP", "metrics": {"bbox_mAP": ap, "segm_mAP": ap - 1}}
 
-    _, cells = cells_of("aphqvit_coco", [coco("erq", 36.0), coco("ias_vit", 37.0, calib_size=256), coco("ias_vit", 30.0)])
+    detection = {"calib_size": 256, "search_size": 1, "batch_size": 1}
+    _, cells = cells_of("aphqvit_coco", [coco("erq", 36.0), coco("ias_vit", 37.0, calib_size=256), coco("ias_vit", 30.0),
+                                         coco("qdrop", 33.0, **detection), coco("aphq_vit", 38.0, **detection, mlp_pct=0.999)])
     box = cells[(cells["column"] == "Mask R-CNN Swin-T") & (cells["metric_label"] == "APbox")]
     texts = dict(zip(box["row"], box["text"]))
     assert texts["ERQ"] == "36.00 (36.80, -0.80)" and texts["I&S-ViT"] == "37.00 (37.50, -0.50)"
     assert texts["I&S-ViT [calib_size=1024]"] == "30.00"
+    assert texts["QDrop"].startswith("33.00 (") and texts["APHQ-ViT (Ours)"].startswith("38.00 (")  # with the published value
     jobs = grid("aphqvit_coco")
     assert jobs[jobs["method"] == "ias_vit"]["protocol"].str.startswith("calib_size=256").all()
+    for method in ("qdrop", "aphq_vit"):
+        assert jobs[jobs["method"] == method]["protocol"].str.contains("search_size=1").all()

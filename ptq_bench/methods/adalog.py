@@ -197,7 +197,7 @@ class AdaLog(Method):
     @torch.no_grad()
     def search_(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         """The search of every layer's grids (and the LayerNorm folds), quantizers on; the shift not yet folded."""
-        if not data.uniform_shapes:
+        if not data.uniform_shapes and not self.searches_detectors:
             raise ConfigError(f"{self.name} stacks each layer's inputs over the calibration set, but this task's layers see "
                               "inputs of several shapes")
         model.eval()
@@ -216,13 +216,11 @@ class AdaLog(Method):
             for index, (name, layer) in enumerate(layers):
                 if self.progress:
                     log.info("%s: calibrating %s (%d/%d)", self.name, name, index + 1, len(layers))
-                inputs, output = capture(model, layer, data, settings.batch_size)
+                inputs, output = self.layer_io(model, layer, data, settings)
                 if isinstance(layer, QuantLinear):
                     self._linear(layer, inputs[0], output, settings, n_v=3 if id(layer) in qkv else 1, norm=norms.get(id(layer)))
                 elif isinstance(layer, QuantConv2d):
-                    search = self.conv_search(layer, inputs[0], output, self.bits.w, settings)
-                    search.search()
-                    _install_uniform(layer.weight_quantizer, search.w_scale, search.w_zp, layer.weight.shape[:1] + (1,) * (layer.weight.ndim - 1))
+                    self._conv(layer, inputs[0], output, settings)
                 else:
                     self._matmul(layer, inputs, output, settings)
                 del inputs, output
@@ -231,6 +229,23 @@ class AdaLog(Method):
             self.transforms.append(check.record(folded=folded_pairs(model, folded)))
         set_quantizers_enabled(model, True)
         return model
+
+    #: whether :meth:`search_` runs on a detector's calibration data (layers seeing inputs of several shapes)
+    searches_detectors = False
+
+    def layer_io(self, model: nn.Module, layer: nn.Module, data: CalibrationData,
+                 settings: SearchSettings) -> tuple[list[Any], Any]:
+        """A layer's FP inputs (one entry per argument) and output over the calibration set."""
+        return capture(model, layer, data, settings.batch_size)
+
+    def _conv(self, layer: QuantConv2d, x: torch.Tensor, out: torch.Tensor, settings: SearchSettings) -> None:
+        search = self.conv_search(layer, x, out, self.bits.w, settings)
+        search.search()
+        _install_uniform(layer.weight_quantizer, search.w_scale, search.w_zp, layer.weight.shape[:1] + (1,) * (layer.weight.ndim - 1))
+
+    def new_linear_search(self, layer: QuantLinear, *args: Any, **kwargs: Any) -> LinearSearch:
+        """The search of ``layer`` (``linear_search`` on the given arguments)."""
+        return self.linear_search(*args, **kwargs)
 
     def _linear(self, layer: QuantLinear, x: torch.Tensor, out: torch.Tensor, settings: SearchSettings, n_v: int,
                 norm: nn.LayerNorm | None) -> None:
@@ -242,13 +257,13 @@ class AdaLog(Method):
             search.search()
             quantizer.set_params(search.a_scale, int(search.q.item()))
         elif norm is not None:
-            search = self.linear_search(weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v, channel_wise=True)
+            search = self.new_linear_search(layer, weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v, channel_wise=True)
             search.search_channel_wise()
             _reparameterize(search, layer, norm)
             search.search()
             quantizer.fold_to_tensor_(search.a_scale.reshape(()), search.a_zp.reshape(()))
         else:
-            search = self.linear_search(weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v)
+            search = self.new_linear_search(layer, weight, bias, x, out, self.bits.w, self.bits.a, settings, n_v=n_v)
             search.search()
             _install_uniform(quantizer, search.a_scale, search.a_zp, ())
         _install_uniform(layer.weight_quantizer, search.w_scale, search.w_zp, (layer.out_features, 1))

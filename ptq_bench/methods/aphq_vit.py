@@ -19,6 +19,7 @@ from torch import nn
 
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
+from ptq_bench.methods.aphq_vit_detection import reconstruct_detector_mlps_
 from ptq_bench.methods.base import METHODS
 from ptq_bench.methods.qdrop import QDrop, QDropOptions, RecLoss
 from ptq_bench.transforms.aph import aph_loss, perturbation_hessian, prediction_targets
@@ -74,6 +75,17 @@ class AphqVit(QDrop):
             return
         cfg = MLPReconstruction(o.mlp_iters, o.mlp_lr, o.mlp_quant_weight, self.mlp_pct, o.batch_size, o.temperature)
         reconstruct_mlps_(model, fp_model, data, cfg, generator or torch.Generator().manual_seed(self.seed))
+
+    detection_hessian = True
+
+    @property
+    def relu_mlp(self) -> bool:  # type: ignore[override]
+        return self.options.reconstruct_mlp
+
+    def prepare_fp_detector_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData) -> None:
+        o: AphqVitOptions = self.options
+        if o.reconstruct_mlp:
+            reconstruct_detector_mlps_(model, fp_model, data, o.mlp_iters, o.mlp_lr, o.mlp_quant_weight, self.mlp_pct, self.progress)
 
     def capture_passes(self, name: str) -> int:
         return super().capture_passes(name) + 2  # the two perturbed passes (the head's too, unused)

@@ -154,6 +154,8 @@ class FisherUnitLoss:
 class FimaQ(QDrop):
     """FIMA-Q: QDrop reconstruction on the DPLR Fisher loss, refreshed ``k`` times per unit."""
 
+    runs_detectors = False  # ShiheWang/FIMA-Q has no detection code
+
     name = "fima_q"
     Options = FimaQOptions
 

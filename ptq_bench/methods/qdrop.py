@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.aphq_vit_calibration import AphqCalibration, CalibrationOptions
+from ptq_bench.methods.aphq_vit_detection import reconstruct_detector_
 from ptq_bench.methods.base import METHODS
 from ptq_bench.models import find_blocks
 from ptq_bench.quant.layers import QuantConv2d, QuantLinear
@@ -125,8 +126,9 @@ class QDrop(AphqCalibration):
 
     def _quantize(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         if not data.uniform_shapes:
-            raise ConfigError(f"{self.name} on a detector is not built: its calibration and units need inputs of one "
-                              "shape (the official detection fork differs: docs/methods/aphq_vit.md, 'Detectors')")
+            if not self.runs_detectors:
+                raise ConfigError(f"{self.name} on a detector is not built: its official code has no detection path")
+            return self._quantize_detector(model, data)
         o = self.options
         fp_model = self.fp_reference(model)
         self.prepare_fp_(model, fp_model, data)
@@ -137,6 +139,31 @@ class QDrop(AphqCalibration):
         if o.iters > 0:
             self.reconstruct(model, fp_model, data)
         return model
+
+    #: whether the APHQ-ViT detection fork's pipeline runs this method on a detector
+    runs_detectors = True
+    #: the detection fork's backbone-unit loss: the RPN perturbation Hessian (APHQ-ViT) or the MSE (QDrop)
+    detection_hessian = False
+
+    def _quantize_detector(self, model: nn.Module, data: CalibrationData) -> nn.Module:
+        """The detection fork's pipeline (:mod:`ptq_bench.methods.aphq_vit_detection`): one image per step."""
+        o = self.options
+        if o.batch_size != 1 or o.search_size != 1:
+            raise ConfigError(f"{self.name} on a detector takes one image at a time and searches on one image, as the "
+                              f"official detection code does: set method.batch_size=1 method.search_size=1 (got "
+                              f"{o.batch_size}, {o.search_size}; conf/experiment/aphqvit_coco.yaml sets them)")
+        self.detector = True
+        fp_model = fp_copy(model)
+        self.prepare_fp_detector_(model, fp_model, data)
+        self.calibrate_(model, dataclasses.replace(data, samples=data.samples[:1]))
+        if o.iters > 0:
+            training = dataclasses.replace(self.unit_training(), in_order=True)
+            reconstruct_detector_(model, fp_model, data, training, o.drop_prob, self.detection_hessian,
+                                  torch.Generator().manual_seed(self.seed), self.name, self.progress)
+        return model
+
+    def prepare_fp_detector_(self, model: nn.Module, fp_model: nn.Module, data: CalibrationData) -> None:
+        """A change to the detector before calibration (APHQ-ViT's MLP reconstruction); none for QDrop."""
 
     def fp_reference(self, model: nn.Module) -> nn.Module | None:
         """The FP model the units reconstruct against, copied before calibration (the official ``full_model``)."""

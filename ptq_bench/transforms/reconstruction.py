@@ -58,7 +58,9 @@ class ReconStep:
     ``curriculum`` restricts the pool to its easiest samples (None: the whole pool); ``before`` runs before the
     forward pass (e.g. to resample drop-path masks), ``after`` after the update (e.g. to project parameters).
     ``always_shuffle`` draws the batch as ``randperm(pool)[:batch_size]`` even when the pool fits in one batch (the
-    official BRECQ/QDrop loops do; otherwise such a pool is used whole, in order).
+    official BRECQ/QDrop loops do; otherwise such a pool is used whole, in order). ``in_order`` takes the batches
+    in turn instead, the t-th being samples t·b .. t·b + b - 1 of the pool modulo its size (APHQ-ViT's detection
+    loop, one image per step: ``it % len(raw_out)``).
     """
 
     optimizer: torch.optim.Optimizer
@@ -67,6 +69,7 @@ class ReconStep:
     before: Optional[Callable[[], None]] = None
     after: Optional[Callable[[], None]] = None
     always_shuffle: bool = False
+    in_order: bool = False
 
 
 #: A training objective given the batch's sample indices: the scalar loss of one step (its own forward).
@@ -80,6 +83,12 @@ def _batches(active: torch.Tensor, batch_size: int, generator: torch.Generator, 
         return active
     pick = torch.randperm(active.numel(), generator=generator)[:batch_size]
     return active[pick.to(active.device)]
+
+
+def _in_order(active: torch.Tensor, batch_size: int, t: int) -> torch.Tensor:
+    """The ``t``-th batch of ``active`` taken in turn (wrapping around)."""
+    positions = (torch.arange(batch_size) + t * batch_size) % active.numel()
+    return active[positions.to(active.device)]
 
 
 #: Below this many elements in a batch of block inputs, reconstruction on a CPU runs on one intra-op thread.
@@ -148,7 +157,8 @@ def reconstruct_block(
                         losses = evaluate_losses(block, inputs, targets, step.pool, batch_size, loss)
                         order[k] = step.pool[losses.argsort(stable=True).to(step.pool.device)]
                     active = order[k][: step.curriculum.count(t, iters, step.pool.numel())]  # type: ignore[index]
-                idx = _batches(active, batch_size, generator, step.always_shuffle)
+                idx = (_in_order(active, batch_size, t) if step.in_order
+                       else _batches(active, batch_size, generator, step.always_shuffle))
                 if step.before is not None:
                     step.before()
                 step.optimizer.zero_grad(set_to_none=True)

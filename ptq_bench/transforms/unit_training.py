@@ -35,6 +35,8 @@ class UnitTraining:
     lr_act: float
     round_weight: float
     annealing: RoundingAnnealing
+    #: batches taken in turn rather than drawn (the detection fork's one image per step, ``it % n``)
+    in_order: bool = False
 
 
 def train_unit(
@@ -78,7 +80,8 @@ def train_unit(
 
             step = ReconStep(torch.optim.Adam([r.alpha for r in rounders], lr=t.lr_round),
                              torch.arange(inputs.shape[0], device=inputs.device),
-                             before=act_opt.zero_grad if act_opt else None, after=act_step, always_shuffle=True)
+                             before=act_opt.zero_grad if act_opt else None, after=act_step, always_shuffle=not t.in_order,
+                             in_order=t.in_order)
             with during or nullcontext():
                 history = reconstruct_block(unit, inputs, target, [step], t.iters, t.batch_size, generator, objective,
                                             desc=desc, progress=progress)
