@@ -276,6 +276,8 @@ class LinearSearch(_Searcher):
     weight_zp_levels = 1
     #: bytes of one row block's candidates in the input searches (kept in cache through the bmm and the error)
     block_bytes = 2**21
+    #: whether the input candidates end with a copy of the last grid (the APHQ-ViT detection fork's)
+    repeat_last_input_candidate = False
     #: the input quantizer's parameters (what the weight searches depend on besides the layer's data)
     input_parameters: tuple[str, ...] = ("a_scale", "a_zp")
 
@@ -308,9 +310,12 @@ class LinearSearch(_Searcher):
         zps = torch.tensor(range(zp_min, zp_max), device=w.device).repeat_interleave(num_scale)[:, None, None, None]
         return scales, zps.repeat(1, self.n_v, self.rows, 1)
 
-    def input_candidates(self, l: float = 0.9, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        num_zp = min(16, self.a_n * 2)
-        num_scale = int(self.eq_n / num_zp)
+    def input_candidates(self, l: float = 0.9, r: float = 1.0, fix_zp_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``calculate_percentile_activation_candidates``: num_scale·num_zp grids between the l and r quantile spans
+        (with ``fix_zp_zero`` eq_n scales at zero point 0), and a copy of the last grid where
+        :attr:`repeat_last_input_candidate` (never scored when num_zp divides eq_n)."""
+        num_zp = 1 if fix_zp_zero else min(16, self.a_n * 2)
+        num_scale = self.eq_n if fix_zp_zero else int(self.eq_n / num_zp)
         pct = torch.tensor([l, r])
         x = self.x
         if self.channel_wise:
@@ -324,9 +329,15 @@ class LinearSearch(_Searcher):
         delta_max = uppers[:, 1:] - lowers[:, 1:]
         splits = torch.linspace(0, 1, steps=num_scale, device=x.device)[None, :] * (delta_max - delta_min)
         scales = ((delta_min + splits).repeat(1, num_zp) / (2 * self.a_n - 1)).clamp(min=1e-4)
-        zp_min, zp_max = int(self.a_n - num_zp / 2), int(self.a_n + num_zp / 2)
-        zps = torch.tensor(range(zp_min, zp_max), device=x.device).repeat_interleave(num_scale)[None, :]
-        return scales, zps.repeat(scales.shape[0], 1)
+        if fix_zp_zero:
+            zps = torch.zeros_like(scales)
+        else:
+            zp_min, zp_max = int(self.a_n - num_zp / 2), int(self.a_n + num_zp / 2)
+            zps = torch.tensor(range(zp_min, zp_max), device=x.device).repeat_interleave(num_scale)[None, :]
+            zps = zps.repeat(scales.shape[0], 1)
+        if self.repeat_last_input_candidate:
+            return torch.cat([scales, scales[..., -1:]], dim=-1), torch.cat([zps, zps[..., -1:]], dim=-1)
+        return scales, zps
 
     # -------------------------------------------------------------------------------- strategies
     def w_self(self, scales: torch.Tensor, zps: torch.Tensor, topk: int = 1) -> torch.Tensor:

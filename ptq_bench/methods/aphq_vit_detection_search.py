@@ -60,6 +60,8 @@ class DetectionLinearSearch(AphqLinearSearch):
         #: the fork's ``fix_zp_zero`` (fc2 with MLP reconstruction): acts in :meth:`search_channel_wise` only
         self.post_relu = post_relu
 
+    repeat_last_input_candidate = True
+
     def _init_chunks(self) -> None:
         self.par = LINEAR_CHUNK
 
@@ -71,30 +73,7 @@ class DetectionLinearSearch(AphqLinearSearch):
         return super().weight_candidates(l, r)
 
     def input_candidates(self, l: float = 0.999, r: float = 1.0, fix_zp_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``calculate_percentile_activation_candidates``: num_scale·num_zp grids and a copy of the last one (never
-        scored when num_zp divides eq_n); with ``fix_zp_zero`` eq_n scales at zero point 0."""
-        num_zp = 1 if fix_zp_zero else min(16, self.a_n * 2)
-        num_scale = self.eq_n if fix_zp_zero else int(self.eq_n / num_zp)
-        pct = torch.tensor([l, r])
-        x = self.x
-        if self.channel_wise:
-            flat = x.view(-1, x.shape[-1])
-            uppers = torch.quantile(flat, pct.to(x.device), dim=0).transpose(0, 1)
-            lowers = torch.quantile(flat, (1 - pct).to(x.device), dim=0).transpose(0, 1)
-        else:
-            uppers = quantile_mean(x, pct, rows_first=False).unsqueeze(0)
-            lowers = quantile_mean(x, 1 - pct, rows_first=False).unsqueeze(0)
-        delta_min = uppers[:, 0:1] - lowers[:, 0:1]
-        delta_max = uppers[:, 1:] - lowers[:, 1:]
-        splits = torch.linspace(0, 1, steps=num_scale, device=x.device)[None, :] * (delta_max - delta_min)
-        scales = ((delta_min + splits).repeat(1, num_zp) / (2 * self.a_n - 1)).clamp(min=1e-4)
-        scales = torch.cat([scales, scales[..., -1:]], dim=-1)
-        if fix_zp_zero:
-            return scales, torch.zeros_like(scales)
-        zp_min, zp_max = int(self.a_n - num_zp / 2), int(self.a_n + num_zp / 2)
-        zps = torch.tensor(range(zp_min, zp_max), device=x.device).repeat_interleave(num_scale)[None, :]
-        zps = zps.repeat(scales.shape[0], 1)
-        return scales, torch.cat([zps, zps[..., -1:]], dim=-1)
+        return super().input_candidates(l, r, fix_zp_zero)
 
     def search(self) -> None:
         """``AsymmetricallyBatchingQuantLinear.hyperparameter_searching``: weight, then input, by own error."""
