@@ -197,7 +197,7 @@ class AdaLog(Method):
     @torch.no_grad()
     def search_(self, model: nn.Module, data: CalibrationData) -> nn.Module:
         """The search of every layer's grids (and the LayerNorm folds), quantizers on; the shift not yet folded."""
-        if not data.uniform_shapes and not self.searches_detectors:
+        if not data.uniform_shapes and not self.detector:
             raise ConfigError(f"{self.name} stacks each layer's inputs over the calibration set, but this task's layers see "
                               "inputs of several shapes")
         model.eval()
@@ -230,8 +230,9 @@ class AdaLog(Method):
         set_quantizers_enabled(model, True)
         return model
 
-    #: whether :meth:`search_` runs on a detector's calibration data (layers seeing inputs of several shapes)
-    searches_detectors = False
+    #: a detection pipeline's search (set by a method that has one before it searches a detector's layers, which see
+    #: inputs of several shapes); AdaLog's own code has none
+    detector = False
 
     def layer_io(self, model: nn.Module, layer: nn.Module, data: CalibrationData,
                  settings: SearchSettings) -> tuple[list[Any], Any]:

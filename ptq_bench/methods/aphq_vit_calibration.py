@@ -61,9 +61,6 @@ class AphqCalibration(AdaLog):
 
     linear_search = AphqLinearSearch
     conv_search = PercentileConvSearch
-    searches_detectors = True
-    #: the detection fork's calibration (set by the method when its data is a detector's)
-    detector = False
     #: fc2's input searched as post-ReLU (the fork's ``post_relu``: MLP reconstruction on)
     relu_mlp = False
 

@@ -181,7 +181,8 @@ def _counter(calls: UnitCalls) -> BlockInputs:
 # ------------------------------------------------------------------------------------------------ block reconstruction
 
 
-def _quantized(module: nn.Module) -> bool:
+def has_quantized_layers(module: nn.Module) -> bool:
+    """Whether ``module`` holds a quantized Linear or Conv2d (a unit worth reconstructing)."""
     return any(isinstance(m, (QuantLinear, QuantConv2d)) for m in module.modules())
 
 
@@ -201,7 +202,7 @@ def reconstruct_detector_(model: nn.Module, fp_model: nn.Module, data: Calibrati
     masks = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(generator.initial_seed())
     fp_units = dict(detector_units(fp_model))
     with frozen_parameters(model):
-        units = [(name, unit) for name, unit in detector_units(model) if _quantized(unit)]
+        units = [(name, unit) for name, unit in detector_units(model) if has_quantized_layers(unit)]
         if not units:
             raise ConfigError(f"{desc}: the detector has no PatchEmbed, SwinBlock, PatchMerging or FPN to reconstruct")
         for name, unit in tqdm(units, desc=f"{desc} units", disable=not progress):

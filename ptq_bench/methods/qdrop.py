@@ -34,10 +34,9 @@ from tqdm.auto import tqdm
 from ptq_bench.calibration import CalibrationData
 from ptq_bench.errors import ConfigError
 from ptq_bench.methods.aphq_vit_calibration import AphqCalibration, CalibrationOptions
-from ptq_bench.methods.aphq_vit_detection import reconstruct_detector_
+from ptq_bench.methods.aphq_vit_detection import has_quantized_layers, reconstruct_detector_
 from ptq_bench.methods.base import METHODS
 from ptq_bench.models import find_blocks
-from ptq_bench.quant.layers import QuantConv2d, QuantLinear
 from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.adaround import RoundingAnnealing
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
@@ -89,10 +88,6 @@ def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     blocks = {id(block) for _, block in find_blocks(model)}
     return [(name, module) for name, module in model.named_modules()
             if name in ("patch_embed", "head") or id(module) in blocks or isinstance(module, PatchMerging)]
-
-
-def _quantized(module: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLinear, QuantConv2d)) for m in module.modules())
 
 
 def fp_copy(model: nn.Module) -> nn.Module:
@@ -188,7 +183,7 @@ class QDrop(AphqCalibration):
         masks = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(self.seed)
         fp_units = dict(reconstruction_units(fp_model))
         with frozen_parameters(model):
-            units = [(name, unit) for name, unit in reconstruction_units(model) if _quantized(unit)]
+            units = [(name, unit) for name, unit in reconstruction_units(model) if has_quantized_layers(unit)]
             for name, unit in tqdm(units, desc=f"{self.name} units", disable=not self.progress):
                 fp_unit = fp_units[name]
                 fp_in = capture_block_inputs(fp_model, fp_unit, data, o.batch_size)
