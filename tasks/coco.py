@@ -3,8 +3,11 @@
 The detector is built from an mmdet config shipped in ``conf/mmdet/`` (``model.mmdet_config``; mmdet's ``_base_``
 configs underneath) and loads ``model.checkpoint``: an mmdet 3 state dict, or one of the Swin repository's mmdet-2.x
 checkpoints (SwinTransformer/Swin-Transformer-Object-Detection), whose backbone keys are converted on load with
-mmdet's own ``swin_converter`` (``mmdet/models/backbones/swin.py``). Calibration images are drawn from train2017 with
-the run's seed and pass mmdet's test pipeline (no augmentation), as the papers' calibration images do; evaluation
+mmdet's own ``swin_converter`` (``mmdet/models/backbones/swin.py``). Calibration images pass mmdet's test pipeline (no
+augmentation) and come from ``data.calib_split`` (train2017 by default), drawn with the run's seed or, with
+``data.calib_draw=first``, the first images of the annotation file that mmdet's training filter keeps (a box of the
+detector's classes, both sides at least 32 px), as APHQ-ViT's detection fork reads them (a train-mode CocoDataset
+with shuffle=False, ``Object-Detection/tools/test.py``); evaluation
 runs mmdet's test dataloader pipeline over val2017 and mmdet's ``CocoMetric`` in the loop of mmengine's ``TestLoop``
 (``mmengine/runner/loops.py``: ``model.test_step`` then ``evaluator.process``; ``evaluator.evaluate`` gathers the
 ranks' results under mmengine's distributed launcher, ``task.launcher``). AP is recorded in percent.
@@ -99,13 +102,23 @@ def coco_files(data_cfg: DictConfig, split: str) -> tuple[Path, Path]:
     return ann, images
 
 
-def coco_dataset(cfg: Any, data_cfg: DictConfig, split: str) -> Any:
-    """mmdet's ``CocoDataset`` of ``split`` with the config's test pipeline (test_mode: every image, no filtering)."""
+#: values of data.calib_split and data.calib_draw (conf/data/coco.yaml)
+CALIB_SPLITS = ("train", "val")
+CALIB_DRAWS = ("seeded", "first")
+#: mmdet's training filter (``CocoDataset.filter_data``), as the detection fork's train-mode dataset applies it
+TRAINING_FILTER = {"filter_empty_gt": True, "min_size": 32}
+
+
+def coco_dataset(cfg: Any, data_cfg: DictConfig, split: str, filtered: bool = False) -> Any:
+    """mmdet's ``CocoDataset`` of ``split`` with the config's test pipeline: every image (test_mode), or with
+    ``filtered`` only those mmdet's training filter keeps, in the annotation file's order."""
     from mmdet.registry import DATASETS
 
     ann, images = coco_files(data_cfg, split)
     dataset_cfg = cfg.test_dataloader.dataset.copy()
-    dataset_cfg.update(data_root="", ann_file=str(ann), data_prefix=dict(img=str(images) + "/"), test_mode=True)
+    dataset_cfg.update(data_root="", ann_file=str(ann), data_prefix=dict(img=str(images) + "/"), test_mode=not filtered)
+    if filtered:
+        dataset_cfg.update(filter_cfg=dict(TRAINING_FILTER))
     try:
         dataset = DATASETS.build(dataset_cfg)
     except Exception as error:  # mmengine wraps a bad annotation file in its own error types
@@ -176,14 +189,23 @@ class Coco(Task):
         init_launcher(str(self.cfg.task.get("launcher", "none")))
         self.mmcfg = mmdet_config(cfg.model)
         self.val: Any = None
-        self.train: Any = None
+        self.calib_set: Any = None
+        self.calibrates: bool | None = None
         self.eval_indices: list[int] | None = None
         self.converted = False
         self.num_classes: list[int] = []
 
     def identity(self) -> dict[str, Any]:
+        """The data settings; where calibration images come from (``data.calib_split``/``calib_draw``) only for a run
+        that calibrates and draws otherwise than seeded from train2017 (as runs recorded before the choice existed
+        did, so they keep their keys). Needs :meth:`check_data`."""
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         data.pop("workers", None)
+        split, draw = data.pop("calib_split"), data.pop("calib_draw")
+        if self.calibrates is None:
+            raise RuntimeError("Coco.identity() before check_data(): whether the run calibrates is not known yet")
+        if self.calibrates and (split, draw) != ("train", "seeded"):
+            data["calibration_images"] = f"{split}/{draw}"
         model_text = json.dumps(self.mmcfg.model.to_dict(), sort_keys=True, default=str)
         return {
             "metrics": list(self.cfg.task.metrics),
@@ -215,32 +237,49 @@ class Coco(Task):
     def validate(self) -> None:
         integer(self.cfg.task.batch_size, "task.batch_size", 1)
         optional_integer(self.cfg.data.get("max_eval_images"), "data.max_eval_images", 1)
+        for key, allowed in (("calib_split", CALIB_SPLITS), ("calib_draw", CALIB_DRAWS)):
+            if self.cfg.data[key] not in allowed:
+                raise ConfigError(f"data.{key}={self.cfg.data[key]}: expected one of {', '.join(allowed)}")
         metrics = list(self.cfg.task.metrics)
         if not metrics or "bbox" not in metrics or not set(metrics) <= {"bbox", "segm"}:
             raise ConfigError(f"task.metrics={metrics}: expected [bbox] or [bbox, segm]")
 
     def check_data(self, calib_size: int) -> None:
+        self.calibrates = bool(calib_size)
         self.val = coco_dataset(self.mmcfg, self.cfg.data, "val")
         check_categories(self.val, coco_files(self.cfg.data, "val")[0], self.num_classes)
         self.eval_indices = subset_indices(len(self.val), self.cfg.data.get("max_eval_images"), int(self.cfg.seed))
         if self.eval_indices is not None:
             self.val.get_subset_(self.eval_indices)
-        if calib_size:  # calibration reads train2017: its annotations are loaded once, here, before any work
-            self.train = coco_dataset(self.mmcfg, self.cfg.data, "train")
-            if calib_size > len(self.train):
-                raise ConfigError(f"method.calib_size={calib_size}: the COCO train split has only {len(self.train)} images")
+        if calib_size:  # the calibration split's annotations are loaded once, here, before any work
+            self.calib_set = self.calibration_split()
+            if calib_size > len(self.calib_set):
+                kept = " kept by mmdet's training filter (data.calib_draw=first)" if self.cfg.data.calib_draw == "first" else ""
+                raise ConfigError(f"method.calib_size={calib_size}: the COCO {self.cfg.data.calib_split} split has only "
+                                  f"{len(self.calib_set)} images{kept}")
+
+    def calibration_split(self) -> Any:
+        """The dataset calibration images come from (``data.calib_split``, filtered for ``data.calib_draw=first``)."""
+        split, draw = str(self.cfg.data.calib_split), str(self.cfg.data.calib_draw)
+        if split == "val":
+            log.warning("calibration images come from val2017, the split evaluated (data.calib_split=val)")
+        return coco_dataset(self.mmcfg, self.cfg.data, split, filtered=draw == "first")
 
     def calibration(self, size: int, seed: int, device: torch.device) -> CalibrationData:
         from mmengine.dataset import pseudo_collate
 
-        if self.train is None:
-            self.train = coco_dataset(self.mmcfg, self.cfg.data, "train")
-        indices = draw_indices(len(self.train), size, seed)
+        if self.calib_set is None:
+            self.calib_set = self.calibration_split()
+        first = self.cfg.data.calib_draw == "first"
+        if size > len(self.calib_set):
+            raise DataError(f"calibration needs {size} images but the {self.cfg.data.calib_split} split has {len(self.calib_set)}")
+        indices = list(range(size)) if first else draw_indices(len(self.calib_set), size, seed)
         loading = tqdm(indices, desc="calibration images", unit="img", leave=False, disable=not self.progress)
-        samples = [self.train[i] for i in loading]
+        samples = [self.calib_set[i] for i in loading]
         identity = {
             "num_images": len(samples),
-            "split": "train",
+            "split": str(self.cfg.data.calib_split),
+            "draw": str(self.cfg.data.calib_draw),
             "indices": indices,
             "image_ids": [int(s["data_samples"].img_id) for s in samples],
             "sha256": samples_sha256(samples),

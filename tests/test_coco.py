@@ -99,15 +99,14 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def task_for(coco_root: Path, tiny_config: Path, method: str = "fp", **extra: object):
+def task_for(coco_root: Path, tiny_config: Path, method: str = "fp", data: dict | None = None, **extra: object):
     from tasks.coco import Coco
 
     cfg = OmegaConf.create({
         "seed": 0,
         "task": {"name": "coco", "batch_size": 1, "metrics": ["bbox", "segm"], "progress": False, "launcher": "none"},
-        "data": {"kind": "coco", "root": str(coco_root), "train_ann": "annotations/instances_train2017.json",
-                 "train_images": "train2017", "val_ann": "annotations/instances_val2017.json", "val_images": "val2017",
-                 "max_eval_images": None, "workers": 0},
+        "data": {**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "data" / "coco.yaml")),
+                 "root": str(coco_root), "workers": 0, **(data or {})},
         "model": {"name": "tiny", "display": "Tiny", "checkpoint": None, "mmdet_config": str(tiny_config), "cfg_options": {}},
         "method": {"name": method, "calib_size": 2},
         **extra,
@@ -222,6 +221,59 @@ def test_mmdet2_swin_checkpoint_keys_are_converted(built, tmp_path, caplog):
         assert torch.equal(fresh.state_dict()[key], value), key
     for fp, loaded in zip(detections(task, model, data), detections(task, fresh.eval(), data)):
         assert torch.equal(fp, loaded)
+
+
+def coco_with_unkept_val_images(coco_root: Path, tmp_path: Path) -> Path:
+    """coco_root with two images put first in val2017's annotation file that mmdet's training filter drops: one
+    without a box, one 28 px high."""
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    ann_file = root / "annotations" / "instances_val2017.json"
+    ann = json.loads(ann_file.read_text())
+    rng = np.random.default_rng(1)
+    for image_id, (h, w) in ((201, (64, 64)), (202, (28, 64))):
+        name = f"{image_id:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(root / "val2017" / name)
+        ann["images"].insert(0, {"id": image_id, "file_name": name, "height": h, "width": w})
+    ann["annotations"].append({"id": 99999, "image_id": 202, "category_id": ANNOTATED[0]["id"], "bbox": [2.0, 2.0, 20.0, 10.0],
+                               "area": 200.0, "iscrowd": 0, "segmentation": [[2.0, 2.0, 22.0, 2.0, 22.0, 12.0, 2.0, 12.0]]})
+    ann_file.write_text(json.dumps(ann))
+    return root
+
+
+def test_calibration_images_first_of_val_as_the_detection_fork_reads_them(coco_root, tiny_config, tmp_path):
+    """data.calib_draw=first takes the first images mmdet's training filter keeps, in file order (the unannotated and
+    the 28-px image put in front are skipped); the run key names the choice only when it is not the default seeded
+    train2017 draw and the run calibrates, so earlier records keep their keys."""
+    from ptq_bench.errors import ConfigError
+
+    root = coco_with_unkept_val_images(coco_root, tmp_path)
+    task = task_for(root, tiny_config, data={"calib_split": "val", "calib_draw": "first"})
+    task.build_model()
+    task.check_data(2)
+    data = task.calibration(2, seed=5, device=torch.device("cpu"))
+    assert data.identity["image_ids"] == [101, 102] and data.identity["indices"] == [0, 1]
+    assert data.identity["split"] == "val" and data.identity["draw"] == "first"
+    assert task.identity()["data"]["calibration_images"] == "val/first"
+    with pytest.raises(ConfigError, match="only 3 images kept by mmdet's training filter"):
+        task.check_data(4)
+
+    seeded = task_for(root, tiny_config, data={"calib_split": "val"})
+    seeded.build_model()
+    seeded.check_data(5)  # every image of the split, the two unkept ones included
+    ids = seeded.calibration(5, seed=5, device=torch.device("cpu")).identity["image_ids"]
+    assert sorted(ids) == [101, 102, 103, 201, 202]
+
+    default = task_for(root, tiny_config)
+    default.build_model()
+    default.check_data(2)
+    assert "calibration_images" not in default.identity()["data"] and "calib_split" not in default.identity()["data"]
+    task.check_data(0)  # no calibration: where its images would come from is no part of the key
+    assert "calibration_images" not in task.identity()["data"]
+    with pytest.raises(ConfigError, match="data.calib_draw=last: expected one of seeded, first"):
+        task_for(root, tiny_config, data={"calib_draw": "last"}).validate()
 
 
 def records(directory: Path) -> list[dict]:
