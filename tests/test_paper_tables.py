@@ -314,6 +314,27 @@ def test_aphqvit_table1_takes_its_own_transcription_and_fills_run_rows():
     assert paper.coverage(coco)["cells"] == 8 * (1 + 7)
 
 
+def test_coco_runs_calibrated_on_other_images_are_kept_apart_and_defaults_match_older_records():
+    """Two runs of one cell whose calibration images came from elsewhere (data.calib_split/calib_draw) are never
+    averaged: each is labelled with what differs; a record at the defaults reads as one written before the choice
+    existed, and an uncalibrated run is the same whatever the choice says."""
+    def coco(ap: float, calibrated: bool = True, **data: str) -> dict:
+        rec = record("aphq_vit", "mask_rcnn_swin_t", (4, 4), 0.0, display="MaskRCNN-Swin-T", sha=str(sorted(data.items())))
+        rec["model"]["weights_sha256"] = "cd" * 32
+        rec["config"]["data"] = {"kind": "coco", "root": "/coco", **data}
+        rec["calibration"] = {"num_images": 256} if calibrated else None
+        return {**rec, "task": "coco", "primary_metric": "bbox_mAP", "metrics": {"bbox_mAP": ap}}
+
+    fork = coco(38.0, calib_split="val", calib_draw="first")
+    frame = aggregate(records_frame([fork, coco(36.0, calib_split="train", calib_draw="seeded")]))
+    assert len(frame) == 2 and sorted(frame["value"]) == [36.0, 38.0]
+    assert "data.calibration_images=val/first" in " ".join(frame["protocol"])
+    same = aggregate(records_frame([coco(36.0), coco(37.0, calib_split="train", calib_draw="seeded")]))
+    assert len(same) == 1 and same["n"].item() == 1  # one run (same settings and seed): the newest record is shown
+    uncalibrated = aggregate(records_frame([coco(36.0, calibrated=False), coco(37.0, False, calib_split="val", calib_draw="first")]))
+    assert len(uncalibrated) == 1
+
+
 def test_fimaq_readme_fills_its_cells_and_keeps_a_rank_15_run_apart():
     """FIMA-Q's README table: a run at the configs' rank (k = 5) fills the cell with the delta against the README's
     value; a run at the README checkpoints' rank 15 is another protocol and gets its own labelled row."""

@@ -80,6 +80,9 @@ def _variant(record: Mapping[str, Any]) -> dict[str, str]:
         data.pop(key, None)
     if data.get("label_map") == "folder order":  # as every record before label maps existed labelled
         del data["label_map"]
+    calibration = (data.pop("calib_split", None), data.pop("calib_draw", None))  # COCO: where calibration images came from
+    if (record.get("calibration") or {}).get("num_images") and calibration not in ((None, None), ("train", "seeded")):
+        data["calibration_images"] = "/".join(map(str, calibration))  # as the run key has it (tasks/coco.py identity)
     variant = {f"data.{k}": text(v) for k, v in data.items()}
     if record["model"].get("weights_sha256"):
         variant["weights"] = str(record["model"]["weights_sha256"])[:8]
