@@ -347,6 +347,15 @@ def test_fimaq_readme_fills_its_cells_and_keeps_a_rank_15_run_apart():
     assert paper.coverage(spec) == {"cells": 21, "reproducible": 21, "published_only": 0, "with_published_value": 21}
 
 
+def test_glfq_table1_runs_fima_q_beside_its_baselines_and_keeps_the_fima_q_framework_qdrop_published_only():
+    """GLF-Q's Table 1 (FIMA-Q framework): a fima_q run at its YAML fills FIMA-Q's cell against the value FIMA-Q
+    publishes; our qdrop (APHQ-ViT's re-run) never fills the row of QDrop as re-implemented in the FIMA-Q framework."""
+    spec, cells = cells_of("glfq_table1", [record("fima_q", "deit_base", (3, 3), 76.0), record("qdrop", "deit_base", (3, 3), 70.0)])
+    assert text(cells, "FIMA-Q", "DeiT-B", "3/3") == "76.00 (76.54, -0.54)"
+    assert text(cells, "QDrop*", "DeiT-B", "3/3") == "72.97"
+    assert paper.coverage(spec) == {"cells": 196, "reproducible": 112, "published_only": 84, "with_published_value": 196}
+
+
 def test_aphqvit_coco_rows_take_erq_and_the_256_image_ias_vit_runs():
     """APHQ-ViT Table 2: ERQ runs at its YAML; I&S-ViT's row is the 256-image run the experiment asks for (its YAML's
     1,024 images do not fit a detector's block captures), and a run at the YAML's size is another protocol; QDrop and
