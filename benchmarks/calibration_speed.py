@@ -7,8 +7,9 @@ timm model with ``--calib-size`` seeded N(0, 1) images (the oracles' convention)
 subprocess right after ours, with the same seed, bits, calibration size and threads; its JSON sidecar gives the
 window "calibration_incl_reparam" (quant_model + initial calibration + reparameterization + re-calibration) in wall
 and process CPU seconds. Process CPU seconds are the figure to trust on a shared machine. ``--method erq`` does the
-same with ``<peer root>/oracles/erq_oracle.py`` (window "calibration": activation calibration, reparameterization,
-FP capture, Aqer, weight calibration, Wqer) at our YAML's coe. ``--method adalog`` runs
+same with this repository's ``oracles/erq_oracle.py`` on our model's FP weights (``--init-weights``; window
+"calibration": quantizer wrapping, activation calibration, reparameterization, FP capture, Aqer, weight calibration,
+Wqer) at our YAML's coe. ``--method adalog`` runs
 ``../shared/oracles/adalog_family_oracle.py --method adalog`` (window "calibration": the official ``--calibrate``
 search of every layer and the bias fold) on our model's FP weights, saved for it (``--init-weights``), since the
 official code's timm 0.9.2 initializes otherwise; it (and aphq_vit) alone take ``--depth`` (the first blocks, as its
@@ -20,8 +21,8 @@ official code's timm 0.9.2 initializes otherwise; it (and aphq_vit) alone take `
 The official code lives outside the repository, in a peer root set up once as ../shared/oracles/README.md "Setup"
 says (``<peer root>/RepQ-ViT`` and ``<peer root>/timm-0.4.12``; the interpreter is ``<peer root>/venv/bin/python``
 when it exists, else this one). The peer root is ``--peer-root``, else ``$PEER_ROOT``, else ``../peers`` beside
-the clone. The oracle scripts are in ``--oracles`` when given, else, per method, in ``<peer root>/oracles`` (ERQ: our
-wrapper kept beside the official code) or ``../shared/oracles`` (RepQ-ViT). ``--official run`` keeps each oracle
+the clone. The oracle scripts are in ``--oracles`` when given, else, per method, in this repository's ``oracles/``
+(ERQ) or ``../shared/oracles`` (the others). ``--official run`` keeps each oracle
 sidecar in ``--timings-dir`` (default ``outputs/benchmarks/oracle_timing``, ignored by git); ``--official recorded``
 reuses those files instead of running the official code again, and ``--official skip`` times ours alone. The default,
 ``auto``, runs the official code when the peer root has it and otherwise times ours alone, saying so (a fresh clone
@@ -80,15 +81,17 @@ argparse.ArgumentParser.parse_args = spelled
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-#: methods whose oracle script lives in ``<peer root>/oracles`` (the others': ../shared/oracles), unless --oracles
-PEER_ORACLES = ("erq",)
+#: methods whose oracle script is in this repository's oracles/ (the others': ../shared/oracles), unless --oracles
+REPO_ORACLES = ("erq",)
+#: methods whose oracle runs on our model's FP weights, saved for its --init-weights
+INIT_WEIGHTS = OFFICIAL_AT_DEPTH | {"erq"}
 
 
 def oracle_options(method: str, depth: Optional[int], init_weights: Optional[Path]) -> list[str]:
     """Oracle arguments that make the official run use our YAML's protocol (ERQ's coe; its argparse default differs),
     the AdaLog family's method, depth and FP weights."""
     if method == "erq":
-        return ["--coe", str(method_defaults("erq")["coe"])]
+        return ["--coe", str(method_defaults("erq")["coe"]), "--init-weights", str(init_weights)]
     if method in ORACLE_METHOD:
         return ["--method", ORACLE_METHOD[method], *(["--depth", str(depth)] if depth else []), "--init-weights", str(init_weights)]
     return []
@@ -100,7 +103,7 @@ def default_peer_root() -> Path:
 
 def default_oracles(method: str, peer_root: Path) -> Path:
     """The folder of ``method``'s oracle script when --oracles is not given."""
-    return peer_root / "oracles" if method in PEER_ORACLES else SHARED_ORACLES
+    return REPO / "oracles" if method in REPO_ORACLES else SHARED_ORACLES
 
 
 def time_ours(model_name: str, calib_size: int, seed: int, bits: BitWidth, method: str = "repq_vit",
@@ -182,7 +185,7 @@ def main() -> None:
     parser.add_argument("--peer-root", type=Path, default=None, help="default: $PEER_ROOT, else ../peers")
     parser.add_argument("--peer-python", default=None, help="default: <peer root>/venv/bin/python if it exists, else this interpreter")
     parser.add_argument("--oracles", type=Path, default=None,
-                        help="folder of the oracle script (default: <peer root>/oracles for erq, ../shared/oracles otherwise)")
+                        help="folder of the oracle script (default: this repository's oracles/ for erq, ../shared/oracles otherwise)")
     parser.add_argument("--timings-dir", type=Path, default=REPO / "outputs" / "benchmarks" / "oracle_timing")
     parser.add_argument("--method", default="repq_vit", help=f"ours: any method (official comparisons: {', '.join(OFFICIAL)})")
     parser.add_argument("--depth", type=int, default=None, help="ours: keep only the first blocks")
@@ -224,7 +227,7 @@ def main() -> None:
     rows = []
     for short in args.models:
         name = TIMM_NAMES[short]
-        weights = init_weights_path(sidecars[short]) if args.official == "run" and args.method in OFFICIAL_AT_DEPTH else None
+        weights = init_weights_path(sidecars[short]) if args.official == "run" and args.method in INIT_WEIGHTS else None
         ours_wall, ours_cpu = time_ours(name, args.calib_size, args.seed, bits, args.method, args.depth, device, weights)
         row = {"model": short, "method": args.method, "depth": args.depth, "ours_wall_s": ours_wall, "ours_cpu_s": ours_cpu}
         line = f"{short}: ours {ours_wall:.2f} s wall / {ours_cpu:.2f} s CPU"

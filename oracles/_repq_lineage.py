@@ -133,6 +133,21 @@ def tiny_create_model(model: str, weights: Path, drop_path_rate: float | None = 
     return create_model
 
 
+def full_create_model(weights: Path):
+    """A replacement for timm.create_model: the named model of the imported timm (0.4.12), never downloaded, with the
+    FP weights of ``weights`` (timm 1.x keys; every key must fit)."""
+    import timm
+    import torch
+    create = timm.create_model
+
+    def create_model(name, pretrained=False, **kw):
+        net = create(name, pretrained=False, **kw)
+        net.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
+        return net
+
+    return create_model
+
+
 def cuda_to_cpu():
     """The official code's hard-coded 'cuda' on a CPU: .cuda() is a no-op, .to('cuda'...) goes to the CPU."""
     import torch
@@ -182,10 +197,11 @@ def patch_test_quant(tq, calib, evalx) -> dict:
 
 def official_args(tq, a, *extra: str):
     """``tq.get_args_parser()`` on the wrapper's I/O flags (``a``: model, sizes, seed, bits; CPU, no workers) plus
-    ``extra`` official flags."""
+    ``extra`` official flags. A full model is named by its key in the official ``model_zoo``."""
     parser = argparse.ArgumentParser(parents=[tq.get_args_parser()])
+    zoo = {timm_name: short for short, timm_name in getattr(tq, "model_zoo", {}).items()}
     return parser.parse_args([
-        "--model", OFFICIAL_NAMES[a.model], "--dataset", "<synthetic>", "--calib-batchsize", str(a.calib_size),
+        "--model", OFFICIAL_NAMES.get(a.model) or zoo[a.model], "--dataset", "<synthetic>", "--calib-batchsize", str(a.calib_size),
         "--val-batchsize", str(a.eval_size), "--num-workers", "0", "--device", "cpu", "--seed", str(a.seed),
         "--w_bits", str(a.w_bits), "--a_bits", str(a.a_bits), *extra])
 
@@ -229,9 +245,16 @@ def compare_fixture(bundle: Path, fixture: Path) -> bool:
     return not bad
 
 
-def common_args(description: str) -> argparse.ArgumentParser:
+def common_args(description: str, full_models: bool = False) -> argparse.ArgumentParser:
+    """The wrappers' I/O flags; ``full_models``: --model also takes a timm model name (a full model, whose FP weights
+    --init-weights gives)."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--model", choices=("vit", "swin"), default="vit", help="tests/pins.py's TINY_VIT or TINY_SWIN")
+    if full_models:
+        ap.add_argument("--model", default="vit", help="vit | swin (tests/pins.py's TINY_VIT or TINY_SWIN) or a timm "
+                                                       "model name of the official model zoo, e.g. deit_tiny_patch16_224")
+        ap.add_argument("--init-weights", type=Path, default=None, help="a full model's FP state dict (timm 1.x keys)")
+    else:
+        ap.add_argument("--model", choices=("vit", "swin"), default="vit", help="tests/pins.py's TINY_VIT or TINY_SWIN")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=4)
