@@ -15,7 +15,9 @@ The fork differs from the classification code in every stage; what is followed h
   for the later FFNs' captures and Hessians and for the whole block reconstruction. That is reproduced.
 * **Calibration**: every Conv2d and Linear of the detector (backbone, FPN, RPN, RoI heads) and the two attention
   matmuls; one forward of each search image per layer, all of a layer's calls kept (a Linear's and a matmul's
-  concatenated, a conv's as a list: the RPN convs run once per FPN level); the searches of
+  concatenated, a conv's as a list: the RPN convs run once per FPN level; a window attention's qkv as the fork's
+  ``WindowAttention`` sees it: the LayerNorm output padded with zeros, rolled, cut into windows, so that with one
+  search image its input search scores the first window, as the fork's does); the searches of
   :mod:`ptq_bench.methods.aphq_vit_detection_search`. A conv's input is quantized per tensor at a bits (the
   patch embedding's at 8 bits, which the fork's conv leaves float).
 * **Block reconstruction**: units PatchEmbed, every SwinBlock, PatchMerging and the FPN, in module order (the RPN and
@@ -59,9 +61,13 @@ PERCENTILE_IMAGES = 128
 
 def layer_calls(model: nn.Module, layer: nn.Module, data: CalibrationData) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """Every call of ``layer`` in the FP forward of each calibration image: per argument the list of its tensors
-    over the calls, and the list of outputs (``QuantCalibrator`` hooks, batch 1)."""
+    over the calls, and the list of outputs (``QuantCalibrator`` hooks, batch 1). A window attention's qkv (which
+    our Swin adapter applies to the unpadded token sequence) is handed over in the fork's layout: its windows
+    (:func:`fork_windows`), as the fork's ``WindowAttention.qkv`` sees them."""
     inputs: list[list[torch.Tensor]] = []
     outputs: list[torch.Tensor] = []
+    msa = _shift_window_msa_of(model, layer)
+    shapes: list[tuple[int, int]] = []
 
     def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         for k, a in enumerate(args):
@@ -70,16 +76,56 @@ def layer_calls(model: nn.Module, layer: nn.Module, data: CalibrationData) -> tu
             inputs[k].append(a.detach())
         outputs.append(output.detach())
 
-    handle = layer.register_forward_hook(hook)
+    def shape_hook(_module: nn.Module, args: tuple) -> None:
+        shapes.append(tuple(args[1]))
+
+    handles = [layer.register_forward_hook(hook)]
+    if msa is not None:
+        handles.append(msa.register_forward_pre_hook(shape_hook))
     try:
         with torch.no_grad():
             for i in range(len(data)):
                 data.forward(model, data.batch(i, i + 1))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not outputs:
         raise ConfigError(f"a {type(layer).__name__} of the detector was not called on the calibration images")
+    if msa is not None and len(shapes) == len(outputs) and inputs[0][0].ndim == 3:
+        bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else torch.zeros(outputs[0].shape[-1])
+        inputs[0] = [fork_windows(msa, x, hw, torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device))
+                     for x, hw in zip(inputs[0], shapes)]
+        outputs = [fork_windows(msa, y, hw, bias.to(y)) for y, hw in zip(outputs, shapes)]
     return inputs, outputs
+
+
+def _shift_window_msa_of(model: nn.Module, layer: nn.Module) -> nn.Module | None:
+    """The mmdet ``ShiftWindowMSA`` whose ``w_msa.qkv`` is ``layer``, if any."""
+    for module in model.modules():
+        w_msa = getattr(module, "w_msa", None)
+        if (w_msa is not None and getattr(w_msa, "qkv", None) is layer and hasattr(module, "window_partition")
+                and hasattr(module, "shift_size")):
+            return module
+    return None
+
+
+def fork_windows(msa: nn.Module, x: torch.Tensor, hw_shape: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
+    """Tokens ``(B, H·W, D)`` as the fork's ``WindowAttention`` receives them: padded with ``fill`` up to multiples
+    of the window (the fork pads the LayerNorm output with zeros, so a padded token's qkv output is the bias), rolled
+    by -shift for a shifted block, partitioned into ``(windows·B, ws², D)``. The fork's calibrator concatenates these
+    windows, and with calib_batch_size 1 its input search scores the first window only."""
+    B, _, D = x.shape
+    H, W = hw_shape
+    ws = msa.window_size
+    x = x.reshape(B, H, W, D)
+    pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
+    if pad_r or pad_b:
+        canvas = fill.expand(B, H + pad_b, W + pad_r, D).clone()
+        canvas[:, :H, :W] = x
+        x = canvas
+    if msa.shift_size > 0:
+        x = torch.roll(x, shifts=(-msa.shift_size, -msa.shift_size), dims=(1, 2))
+    return msa.window_partition(x).reshape(-1, ws * ws, D)
 
 
 # ------------------------------------------------------------------------------------------------ units
