@@ -44,6 +44,13 @@ with ``mlp/<block>/h/<i>``; after the calibration search ``calib/<module>/<w|a|A
 ones included). Debug options add ``--mlp-data`` (each FFN's inputs and FP outputs), ``--calib-weights`` (weight
 matrices), ``--calib-inputs`` (the inputs the calibrator hands named layers). The images' sha256 is in the meta.
 
+``--stages mlp,calib,recon`` (not in the fixture) also runs ``BlockReconstructor`` as test.py does
+(``wrap_quantizers_in_net``, ``reconstruct_model(quant_act=True, mode='qdrop', ...)``) with --recon-iters steps per
+unit (the default argument rebound), --drop-prob and --quant-ratio (1 and 1 by default: nothing random is drawn),
+and writes ``recon/<unit>/h/<i>`` (the unit's Hessians), ``recon/<layer>/codes`` (int8 rounded weight codes
+``round(weight / w_scale)`` after the hard rounding) and ``recon/<layer>/<a|A|B>_scale`` (the learned steps). Use
+``--calib-weights`` with it, so that our side can start from the fork's calibrated weights.
+
   PEER_ROOT=/work/peers /work/peers/det2-venv/bin/python oracles/aphq_detection_pipeline.py \\
       --out /work/peers/oracle_out/aphq_det_pipeline_w4a4.npz
 """
@@ -285,11 +292,46 @@ def run(a: argparse.Namespace) -> dict:
         QuantCalibrator(model, batches, quant_cfg.calib_size // quant_cfg.calib_batch_size).batching_quant_calib()
         torch.cuda.is_available = real_available
         out.update(quantizer_arrays(model, "calib", a.calib_weights))
+    if "recon" in a.stages:
+        import quant_utils.block_recon as block_recon
+        from quant_layers import MinMaxQuantLinear
+        rec_defaults = list(block_recon.BlockReconstructor.reconstruct_single_block.__defaults__)
+        rec_defaults[1] = a.recon_iters  # (batch_size, iters, weight, b_range, warmup, lr, p, ...)
+        block_recon.BlockReconstructor.reconstruct_single_block.__defaults__ = tuple(rec_defaults)
+        grads = block_recon.BlockReconstructor.init_block_raw_grad
+
+        def recorded_grads(self, block, full_block, name, device):
+            grads(self, block, full_block, name, device)
+            for i, h in enumerate(block.raw_grad):
+                out[f"recon/{name}/h/{i}"] = h.clone()
+
+        block_recon.BlockReconstructor.init_block_raw_grad = recorded_grads
+        torch.manual_seed(a.seed)
+        rec = block_recon.BlockReconstructor(model, full_model, batches, quant_cfg.optim_size,
+                                             metric=quant_cfg.optim_metric, keep_gpu=False)
+        rec.wrap_quantizers_in_net()
+        rec.reconstruct_model(quant_act=True, mode=quant_cfg.optim_mode, drop_prob=a.drop_prob, quant_ratio=a.quant_ratio)
+        for name, m in model.named_modules():
+            if not hasattr(m, "w_quantizer") or not any(name.startswith(b) for b in rec.blocks):
+                continue
+            w = m.weight.detach()
+            view = w.view(m.n_V, m.crb_rows, m.in_features) if isinstance(m, MinMaxQuantLinear) else w.view(w.shape[0], -1)
+            out[f"recon/{name}/codes"] = (view / m.w_quantizer.scale).round().to(torch.int8).view(w.shape)
+            for q in ("a_quantizer", "A_quantizer", "B_quantizer"):
+                quant = getattr(m, q, None)
+                if quant is not None and getattr(quant, "inited", False):
+                    out[f"recon/{name}/{q[0]}_scale"] = quant.scale.detach().clone()
+        for name, m in model.named_modules():
+            for q in ("A_quantizer", "B_quantizer"):
+                quant = getattr(m, q, None)
+                if quant is not None and any(name.startswith(b) for b in rec.blocks):
+                    out[f"recon/{name}/{q[0]}_scale"] = quant.scale.detach().clone()
     bundle = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in out.items()}
     meta = {"oracle": "oracles/aphq_detection_pipeline.py",
             "source": f"GoatWu/APHQ-ViT @ {SOURCE_COMMIT} Object-Detection (mmdet 2.11.0 + tools/), "
                       "mmcv 1.3.17 without ops, via oracles/aphq_detection_pipeline.py",
-            "seed": a.seed, "sizes": a.sizes, "images_sha256": images_sha256, "tiny": TINY, "stages": a.stages, "mlp_iters": a.mlp_iters, "mlp_dtype": a.mlp_dtype,
+            "seed": a.seed, "sizes": a.sizes, "images_sha256": images_sha256, "tiny": TINY, "stages": a.stages, "mlp_iters": a.mlp_iters, "recon_iters": a.recon_iters, "drop_prob": a.drop_prob,
+            "quant_ratio": a.quant_ratio, "mlp_dtype": a.mlp_dtype,
             "memory_mib": a.memory_mib, "quant_config": {k: v for k, v in vars(quant_cfg).items()},
             "threads": a.threads}
     bundle["meta"] = np.array(json.dumps(meta))
@@ -320,6 +362,9 @@ def main() -> None:
                    default=[(64, 64), (64, 128)], help="HxW,HxW,... (multiples of 32)")
     p.add_argument("--stages", type=lambda s: s.split(","), default=["mlp", "calib"])
     p.add_argument("--mlp-iters", type=int, default=4)
+    p.add_argument("--recon-iters", type=int, default=4, help="block reconstruction steps per unit (the fork: 20000)")
+    p.add_argument("--drop-prob", type=float, default=1.0, help="4bit.py: 0.5 (1: no activation dropped)")
+    p.add_argument("--quant-ratio", type=float, default=1.0, help="4bit.py: 0.5 (1: the quantized unit input only)")
     p.add_argument("--mlp-data", action="store_true", help="also write each FFN's training inputs and targets")
     p.add_argument("--calib-weights", action="store_true", help="also write every quantized layer's weight matrix")
     p.add_argument("--calib-inputs", type=lambda s: s.split(","), default=[],
