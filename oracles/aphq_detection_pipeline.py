@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """APHQ-ViT's whole detection pipeline as the detection fork runs it (GoatWu/APHQ-ViT @ 84c9fde,
-Object-Detection/tools/test.py ``main`` with quant_configs/4bit.py) on a tiny seeded Swin Mask R-CNN and seeded
+Object-Detection/tools/test.py ``main`` with quant_configs/4bit.py: MLP reconstruction, calibration search, block
+reconstruction) on a tiny seeded Swin Mask R-CNN and seeded
 image tensors: the run behind tests/fixtures/aphq_det_pipeline_*.npz. No official code is copied here; the fork's
 mmdet 2.11.0 (``$PEER_ROOT/APHQ-ViT/Object-Detection``) and its ``tools`` are imported at run time.
 
@@ -44,12 +45,12 @@ with ``mlp/<block>/h/<i>``; after the calibration search ``calib/<module>/<w|a|A
 ones included). Debug options add ``--mlp-data`` (each FFN's inputs and FP outputs), ``--calib-weights`` (weight
 matrices), ``--calib-inputs`` (the inputs the calibrator hands named layers). The images' sha256 is in the meta.
 
-``--stages mlp,calib,recon`` (not in the fixture) also runs ``BlockReconstructor`` as test.py does
-(``wrap_quantizers_in_net``, ``reconstruct_model(quant_act=True, mode='qdrop', ...)``) with --recon-iters steps per
-unit (the default argument rebound), --drop-prob and --quant-ratio (1 and 1 by default: nothing random is drawn),
-and writes ``recon/<unit>/h/<i>`` (the unit's Hessians), ``recon/<layer>/codes`` (int8 rounded weight codes
-``round(weight / w_scale)`` after the hard rounding) and ``recon/<layer>/<a|A|B>_scale`` (the learned steps). Use
-``--calib-weights`` with it, so that our side can start from the fork's calibrated weights.
+The third stage (``--stages``, default mlp,calib,recon) runs ``BlockReconstructor`` as test.py does
+(``wrap_quantizers_in_net``, ``reconstruct_model(quant_act=True, mode='qdrop', ...)``, the 4bit.py metric
+hessian_perturb) with --recon-iters steps per unit (the default argument rebound), --drop-prob and --quant-ratio (1
+and 1 by default: nothing random is drawn), and writes ``recon/<unit>/h/<i>`` (the unit's Hessians),
+``recon/<layer>/codes`` (int8 rounded weight codes ``round(weight / w_scale)`` after the hard rounding) and
+``recon/<layer>/<a|A|B>_scale`` (the learned steps).
 
   PEER_ROOT=/work/peers /work/peers/det2-venv/bin/python oracles/aphq_detection_pipeline.py \\
       --out /work/peers/oracle_out/aphq_det_pipeline_w4a4.npz
@@ -360,7 +361,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in hw.split("x")) for hw in s.split(",")],
                    default=[(64, 64), (64, 128)], help="HxW,HxW,... (multiples of 32)")
-    p.add_argument("--stages", type=lambda s: s.split(","), default=["mlp", "calib"])
+    p.add_argument("--stages", type=lambda s: s.split(","), default=["mlp", "calib", "recon"])
     p.add_argument("--mlp-iters", type=int, default=4)
     p.add_argument("--recon-iters", type=int, default=4, help="block reconstruction steps per unit (the fork: 20000)")
     p.add_argument("--drop-prob", type=float, default=1.0, help="4bit.py: 0.5 (1: no activation dropped)")
