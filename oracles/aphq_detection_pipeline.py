@@ -22,7 +22,8 @@ Patches (run time, nothing written into the fork):
 * Data: the fork's loaders (train2017 through the train pipeline) are replaced by a list of batches
   ``{'img': DC([x]), 'img_metas': DC([[meta]])}`` of seeded N(0, 1) image tensors of the sizes in --sizes, already
   "normalised" and padded (multiples of 32): img_shape = pad_shape = ori_shape, scale_factor 1, no flip. The
-  test.py calls then run as written: MLPReconstructor(model, full_model, loader, optim_size).reconstruct_model(pct),
+  block reconstruction iterates them through a torch DataLoader (``loader``: one base seed drawn from the global
+  generator per pass, as the fork's loaders draw). The test.py calls then run as written: MLPReconstructor(model, full_model, loader, optim_size).reconstruct_model(pct),
   wrap_modules_in_net(model, cfg, reparam=True, recon=True), QuantCalibrator(model, loader, 1).batching_quant_calib().
   optim_size = the number of images; the MLP reconstruction's 20000 iterations become --mlp-iters (the default
   argument of ``reconstruct_single_block`` rebound; lr 4e-5 and the loss as written).
@@ -50,7 +51,8 @@ The third stage (``--stages``, default mlp,calib,recon) runs ``BlockReconstructo
 hessian_perturb) with --recon-iters steps per unit (the default argument rebound), --drop-prob and --quant-ratio (1
 and 1 by default: nothing random is drawn), and writes ``recon/<unit>/h/<i>`` (the unit's Hessians),
 ``recon/<layer>/codes`` (int8 rounded weight codes ``round(weight / w_scale)`` after the hard rounding) and
-``recon/<layer>/<a|A|B>_scale`` (the learned steps).
+``recon/<layer>/<a|A|B>_scale`` (the learned steps). With --drop-prob/--quant-ratio 0.5 (4bit.py) the fork draws
+QDrop's masks from the global generator, seeded --seed right before ``BlockReconstructor``.
 
   PEER_ROOT=/work/peers /work/peers/det2-venv/bin/python oracles/aphq_detection_pipeline.py \\
       --out /work/peers/oracle_out/aphq_det_pipeline_w4a4.npz
@@ -165,6 +167,13 @@ def images(seed: int, sizes: list[tuple[int, int]]):
         xs.append(x)
         batches.append({"img": DC([x]), "img_metas": DC([[meta]], cpu_only=True)})
     return xs, batches
+
+
+def loader(batches):
+    """The batches through a torch DataLoader (batch 1, in order, no workers): like the fork's loaders, each pass
+    draws one base seed from the global generator, which QDrop's masks also draw from."""
+    from torch.utils.data import DataLoader
+    return DataLoader(batches, batch_size=1, shuffle=False, num_workers=0, collate_fn=lambda items: items[0])
 
 
 def detections(model, batches) -> list:
@@ -308,7 +317,7 @@ def run(a: argparse.Namespace) -> dict:
 
         block_recon.BlockReconstructor.init_block_raw_grad = recorded_grads
         torch.manual_seed(a.seed)
-        rec = block_recon.BlockReconstructor(model, full_model, batches, quant_cfg.optim_size,
+        rec = block_recon.BlockReconstructor(model, full_model, loader(batches), quant_cfg.optim_size,
                                              metric=quant_cfg.optim_metric, keep_gpu=False)
         rec.wrap_quantizers_in_net()
         rec.reconstruct_model(quant_act=True, mode=quant_cfg.optim_mode, drop_prob=a.drop_prob, quant_ratio=a.quant_ratio)
