@@ -48,11 +48,11 @@ matrices), ``--calib-inputs`` (the inputs the calibrator hands named layers). Th
 
 The third stage (``--stages``, default mlp,calib,recon) runs ``BlockReconstructor`` as test.py does
 (``wrap_quantizers_in_net``, ``reconstruct_model(quant_act=True, mode='qdrop', ...)``, the 4bit.py metric
-hessian_perturb) with --recon-iters steps per unit (the default argument rebound), --drop-prob and --quant-ratio (1
-and 1 by default: nothing random is drawn), and writes ``recon/<unit>/h/<i>`` (the unit's Hessians),
-``recon/<layer>/codes`` (int8 rounded weight codes ``round(weight / w_scale)`` after the hard rounding) and
-``recon/<layer>/<a|A|B>_scale`` (the learned steps). With --drop-prob/--quant-ratio 0.5 (4bit.py) the fork draws
-QDrop's masks from the global generator, seeded --seed right before ``BlockReconstructor``.
+hessian_perturb) with --recon-iters steps per unit (the default argument rebound), --drop-prob and --quant-ratio
+(4bit.py's 0.5 and 0.5 by default; 1 and 1 turn QDrop's dropping off), and writes ``recon/<unit>/h/<i>`` (the unit's
+Hessians), ``recon/<layer>/codes`` (int8 rounded weight codes ``round(weight / w_scale)`` after the hard rounding)
+and ``recon/<layer>/<a|A|B>_scale`` (the learned steps). The fork draws QDrop's masks with ``rand_like`` from the
+global generator, seeded --seed right before ``BlockReconstructor`` (and drawn from by each loader pass).
 
   PEER_ROOT=/work/peers /work/peers/det2-venv/bin/python oracles/aphq_detection_pipeline.py \\
       --out /work/peers/oracle_out/aphq_det_pipeline_w4a4.npz
@@ -373,8 +373,8 @@ def main() -> None:
     p.add_argument("--stages", type=lambda s: s.split(","), default=["mlp", "calib", "recon"])
     p.add_argument("--mlp-iters", type=int, default=4)
     p.add_argument("--recon-iters", type=int, default=4, help="block reconstruction steps per unit (the fork: 20000)")
-    p.add_argument("--drop-prob", type=float, default=1.0, help="4bit.py: 0.5 (1: no activation dropped)")
-    p.add_argument("--quant-ratio", type=float, default=1.0, help="4bit.py: 0.5 (1: the quantized unit input only)")
+    p.add_argument("--drop-prob", type=float, default=0.5, help="4bit.py's 0.5 (1: no activation dropped)")
+    p.add_argument("--quant-ratio", type=float, default=0.5, help="4bit.py's 0.5 (1: the quantized unit input only)")
     p.add_argument("--mlp-data", action="store_true", help="also write each FFN's training inputs and targets")
     p.add_argument("--calib-weights", action="store_true", help="also write every quantized layer's weight matrix")
     p.add_argument("--calib-inputs", type=lambda s: s.split(","), default=[],

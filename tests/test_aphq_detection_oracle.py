@@ -16,8 +16,9 @@ Stages and what is asserted (agreement measured when the fixture was made, see d
   by the fork's here.
 * Calibration search (one image): every zero point equal, every scale and folded LayerNorm within 1e-4 relative,
   most arrays bit for bit (the rest differ by the FP inputs' rounding).
-* Block reconstruction (4 steps per unit, QDrop's dropping off): every rounded weight code equal, the learned
-  activation steps within 1e-4, with torch's own clamp gradient (``torch_clamp_gradients``).
+* Block reconstruction (4 steps per unit, QDrop's dropping at 4bit.py's 0.5, the masks drawn from the same
+  stream): every rounded weight code equal, the learned activation steps within 1e-4, with torch's own clamp
+  gradient (``torch_clamp_gradients``).
 
 The sizes keep every feature map a multiple of the window (2): where mmdet pads windows, our Swin adapter keeps
 padded tokens at the FP projection of zero while the fork's LayerNorm fold changes them
@@ -288,17 +289,19 @@ def torch_clamp_gradients(quantizers):
 
 
 def test_block_reconstruction_matches_the_fork_given_its_hessians(fixture, tmp_path, monkeypatch) -> None:
-    """``BlockReconstructor.reconstruct_model`` (qdrop mode, activation steps learned; drop off: drop_prob and
-    quant_ratio 1) after our calibration from the fork's MLP weights, against an FP model whose FFNs keep the fork's
-    -1e-3 shift; the fork's Hessians given to ours. Every rounded weight code of every unit equal; the learned steps
-    within 1e-4 (they start from our calibration, itself within 6.4e-6)."""
+    """``BlockReconstructor.reconstruct_model`` (qdrop mode, activation steps learned, drop_prob = quant_ratio = 0.5:
+    the masks from one generator seeded as the fork's global one, drawn in its layouts) after our calibration from
+    the fork's MLP weights, against an FP model whose FFNs keep the fork's -1e-3 shift; the fork's Hessians given to
+    ours. Every rounded weight code of every unit equal; the learned steps within 1e-4 (they start from our
+    calibration, itself within 6.4e-6)."""
     import ptq_bench.methods.aphq_vit_detection as det
     from ptq_bench.models import named_quantizers
     from tasks.coco import convert_mmdet2_swin
 
     arrays, meta = fixture
-    assert meta["drop_prob"] == meta["quant_ratio"] == 1.0
-    model, method, data = calibrated_from_fork_mlps(arrays, meta, tmp_path, iters=meta["recon_iters"], drop_prob=1.0)
+    drop = meta["drop_prob"]
+    assert drop == meta["quant_ratio"] == 0.5  # quant_configs/4bit.py: our drop_prob is both
+    model, method, data = calibrated_from_fork_mlps(arrays, meta, tmp_path, iters=meta["recon_iters"], drop_prob=drop)
     fp = fork_model(arrays, tmp_path)
     for _, layers in det.swin_ffns(fp):
         layers.register_forward_hook(det._shifted_down)
@@ -312,7 +315,7 @@ def test_block_reconstruction_matches_the_fork_given_its_hessians(fixture, tmp_p
     monkeypatch.setattr(det, "perturbation_hessians", lambda _fp, unit, _data, _targets: hessians[names[id(unit)]])
     monkeypatch.setattr(det, "official_gradients", torch_clamp_gradients)
     training = dataclasses.replace(method.unit_training(), in_order=True)
-    det.reconstruct_detector_(model, fp, data, training, 1.0, True, torch.Generator().manual_seed(meta["seed"]), "aphq_vit")
+    det.reconstruct_detector_(model, fp, data, training, drop, True, torch.Generator().manual_seed(meta["seed"]), "aphq_vit")
 
     modules, quantizers = dict(model.named_modules()), dict(named_quantizers(model))
     codes = {key[len("recon/"):-len("/codes")] + ".weight": torch.from_numpy(v.astype(np.float32))

@@ -26,12 +26,16 @@ The fork differs from the classification code in every stage; what is followed h
   inputs drop quantization (the fork's ``set_qdrop`` and ``init_training`` reach neither the conv inputs nor the
   matmul operands). Loss: for a backbone unit Σ (ŷ - y)²·H with the unit's RPN perturbation Hessian (APHQ-ViT) or
   the mean squared error (QDrop, ``optim_metric = 'mse'``); for the FPN the mean squared error over all levels;
-  divided by its first value and doubled, plus the rounding regularizer, as in the classification code.
+  divided by its first value and doubled, plus the rounding regularizer, as in the classification code. The masks
+  come from one generator in the fork's order and layouts (the fork draws ``rand_like`` from its global generator):
+  per unit first the seeds of its loader passes (2, 4 with a Hessian), then per step the input mix and each Linear
+  input in call order, the qkv input's over the fork's windows and the patch merging's over its channel order.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,7 +50,7 @@ from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.aph_detection import EPSILON, hessian_loss, perturbation_hessians, rpn_targets
 from ptq_bench.transforms.block_capture import BlockInputs
 from ptq_bench.transforms.detector_units import UnitCalls, capture_unit_calls, mixed_unit_input, run_unit
-from ptq_bench.transforms.qdrop import dropping_activations
+from ptq_bench.transforms.qdrop import mask_like, skip_loader_seeds
 from ptq_bench.transforms.reconstruction import ReconStep, frozen_parameters, reconstruct_block
 from ptq_bench.transforms.unit_training import UnitTraining, official_gradients, train_unit
 
@@ -227,6 +231,56 @@ def _counter(calls: UnitCalls) -> BlockInputs:
 # ------------------------------------------------------------------------------------------------ block reconstruction
 
 
+@contextmanager
+def _fork_dropping(unit: nn.Module, quantizers: list[UniformQuantizer], prob: float, generator: torch.Generator):
+    """``dropping_activations`` with the masks laid out as the fork draws them (``rand_like`` of the tensor its
+    quantizer sees): a window attention's qkv input over its padded, rolled windows (:func:`fork_windows`), put back
+    on the token sequence our adapter's qkv sees (the padded positions' draws unused); a patch merging's reduction
+    input over the fork's channel order (x0, x1, x2, x3 concatenated), put in ours (nn.Unfold's)."""
+    windowed: dict[int, nn.Module] = {}
+    merging: set[int] = set()
+    for module in unit.modules():
+        qkv = getattr(getattr(module, "w_msa", None), "qkv", None)
+        quantizer = getattr(qkv, "input_quantizer", None)
+        if quantizer is not None and hasattr(module, "window_partition") and hasattr(module, "shift_size"):
+            windowed[id(quantizer)] = module
+        if isinstance(module, _mmdet_types()[2]) and getattr(module.reduction, "input_quantizer", None) is not None:
+            merging.add(id(module.reduction.input_quantizer))
+    shapes: dict[int, tuple[int, int]] = {}
+
+    def remember(module: nn.Module, args: tuple) -> None:
+        shapes[id(module)] = tuple(args[1])
+
+    def drop(quantizer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if id(quantizer) in merging:  # drawn over the fork's concat order (x0, x1, x2, x3), put in nn.Unfold's
+            draws = torch.empty_like(x).uniform_(generator=generator)
+            lead, channels = x.shape[:-1], x.shape[-1] // 4
+            keep = draws.view(*lead, 4, channels)[..., [0, 2, 1, 3], :].transpose(-1, -2).reshape(x.shape) < prob
+            return torch.where(keep, output, x)
+        msa = windowed.get(id(quantizer))
+        if msa is None or x.ndim != 3:
+            return torch.where(mask_like(x, prob, generator), output, x)
+        H, W = shapes[id(msa)]
+        ws = msa.window_size
+        Hp, Wp = H + (ws - H % ws) % ws, W + (ws - W % ws) % ws
+        draws = torch.empty((x.shape[0] * (Hp // ws) * (Wp // ws), ws * ws, x.shape[-1]), dtype=x.dtype,
+                            device=x.device).uniform_(generator=generator)
+        grid = msa.window_reverse(draws.view(-1, ws, ws, x.shape[-1]), Hp, Wp)
+        if msa.shift_size > 0:
+            grid = torch.roll(grid, shifts=(msa.shift_size, msa.shift_size), dims=(1, 2))
+        keep = grid[:, :H, :W, :].reshape(x.shape) < prob
+        return torch.where(keep, output, x)
+
+    handles = [q.register_forward_hook(drop) for q in quantizers]
+    handles += [msa.register_forward_pre_hook(remember) for msa in {id(m): m for m in windowed.values()}.values()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def has_quantized_layers(module: nn.Module) -> bool:
     """Whether ``module`` holds a quantized Linear or Conv2d (a unit worth reconstructing)."""
     return any(isinstance(m, (QuantLinear, QuantConv2d)) for m in module.modules())
@@ -257,6 +311,9 @@ def reconstruct_detector_(model: nn.Module, fp_model: nn.Module, data: Calibrati
             q_inputs = capture_unit_calls(model, unit, data).inputs
             neck = is_neck(unit)
             hessians = perturbation_hessians(fp_model, fp_unit, data, targets) if targets is not None and not neck else None
+            # the fork's passes over its loader before the unit trains (FP input/output, quantized input, the two
+            # perturbed passes of a Hessian unit): one base seed each from the generator its masks draw from
+            skip_loader_seeds(masks, 2 + (2 if hessians is not None else 0))
             history = _train_unit(unit, fp_calls, q_inputs, hessians, neck, training, drop_prob, masks, f"{desc} {name}", progress)
             log.info("%s %s: loss %.4g -> %.4g", desc, name, history[0], history[-1])
 
@@ -287,4 +344,4 @@ def _train_unit(unit: nn.Module, fp_calls: UnitCalls, q_inputs: list[Any], hessi
     counter = _counter(fp_calls)
     with official_gradients(activations):
         return train_unit(unit, counter, counter, normalized, activations, training, masks, desc, progress,
-                          during=dropping_activations(_linear_inputs(unit, activations), drop_prob, masks))
+                          during=_fork_dropping(unit, _linear_inputs(unit, activations), drop_prob, masks))
