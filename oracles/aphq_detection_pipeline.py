@@ -55,7 +55,8 @@ and ``recon/<layer>/<a|A|B>_scale`` (the learned steps). The fork draws QDrop's 
 global generator, seeded --seed right before ``BlockReconstructor`` (and drawn from by each loader pass).
 
   PEER_ROOT=/work/peers /work/peers/det2-venv/bin/python oracles/aphq_detection_pipeline.py \\
-      --out /work/peers/oracle_out/aphq_det_pipeline_w4a4.npz
+      --out /work/peers/oracle_out/aphq_det_pipeline_w4a4.npz                  (APHQ-ViT)
+  ... --stages calib,recon --optim-metric mse --out .../aphq_det_pipeline_qdrop_w4a4.npz   (QDrop: no MLP stage)
 """
 from __future__ import annotations
 
@@ -222,6 +223,7 @@ def run(a: argparse.Namespace) -> dict:
     from importlib import import_module
     quant_cfg = import_module("4bit").Config()
     quant_cfg.optim_size = len(a.sizes)
+    quant_cfg.optim_metric = a.optim_metric
 
     model = build_model(a.seed)
     if a.state:
@@ -337,7 +339,15 @@ def run(a: argparse.Namespace) -> dict:
                 if quant is not None and any(name.startswith(b) for b in rec.blocks):
                     out[f"recon/{name}/{q[0]}_scale"] = quant.scale.detach().clone()
     bundle = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in out.items()}
-    meta = {"oracle": "oracles/aphq_detection_pipeline.py",
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # the command without its output paths
+        if skip:
+            skip = False
+        elif arg in ("--out", "--state"):
+            skip = True
+        else:
+            argv.append(arg)
+    meta = {"oracle": " ".join(["oracles/aphq_detection_pipeline.py", *argv]),
             "source": f"GoatWu/APHQ-ViT @ {SOURCE_COMMIT} Object-Detection (mmdet 2.11.0 + tools/), "
                       "mmcv 1.3.17 without ops, via oracles/aphq_detection_pipeline.py",
             "seed": a.seed, "sizes": a.sizes, "images_sha256": images_sha256, "tiny": TINY, "stages": a.stages, "mlp_iters": a.mlp_iters, "recon_iters": a.recon_iters, "drop_prob": a.drop_prob,
@@ -372,6 +382,8 @@ def main() -> None:
                    default=[(64, 64), (64, 128)], help="HxW,HxW,... (multiples of 32)")
     p.add_argument("--stages", type=lambda s: s.split(","), default=["mlp", "calib", "recon"])
     p.add_argument("--mlp-iters", type=int, default=4)
+    p.add_argument("--optim-metric", default="hessian_perturb", choices=["hessian_perturb", "mse"],
+                   help="4bit.py's hessian_perturb (APHQ-ViT), or mse (QDrop, with --stages calib,recon)")
     p.add_argument("--recon-iters", type=int, default=4, help="block reconstruction steps per unit (the fork: 20000)")
     p.add_argument("--drop-prob", type=float, default=0.5, help="4bit.py's 0.5 (1: no activation dropped)")
     p.add_argument("--quant-ratio", type=float, default=0.5, help="4bit.py's 0.5 (1: the quantized unit input only)")

@@ -20,6 +20,9 @@ Stages and what is asserted (agreement measured when the fixture was made, see d
   stream): every rounded weight code equal, the learned activation steps within 1e-4, with torch's own clamp
   gradient (``torch_clamp_gradients``).
 
+QDrop (``aphq_det_pipeline_qdrop_w4a4.npz``: the fork with optim_metric mse and no MLP stage): the same calibration
+and block reconstruction assertions.
+
 The sizes keep every feature map a multiple of the window (2): where mmdet pads windows, our Swin adapter keeps
 padded tokens at the FP projection of zero while the fork's LayerNorm fold changes them
 (ptq_bench/architectures/mmdet_swin.py), a known difference not pinned here.
@@ -235,13 +238,12 @@ def calibrated_from_fork_mlps(arrays: dict[str, np.ndarray], meta: dict, tmp_pat
     return model, method, data
 
 
-def test_calibration_search_matches_the_fork(fixture, tmp_path) -> None:
-    """From the fork's MLP-reconstructed weights: every quantizer of the detector and every folded LayerNorm."""
+def compare_calibration(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> tuple[int, int, float]:
+    """Every ``calib/`` array against our model: (arrays compared, bit for bit, largest relative difference of a
+    scale, LayerNorm or bias); every zero point must be equal."""
     from ptq_bench.models import named_quantizers
     from tasks.coco import convert_mmdet2_swin
 
-    arrays, meta = fixture
-    model, _, _ = calibrated_from_fork_mlps(arrays, meta, tmp_path, iters=0)
     quantizers = dict(named_quantizers(model))
     state = {k: v.detach() for k, v in model.state_dict().items()}
     equal, compared, worst = 0, 0, 0.0
@@ -270,6 +272,14 @@ def test_calibration_search_matches_the_fork(fixture, tmp_path) -> None:
         compared += 1
         equal += bool(torch.equal(state[key], want))
         worst = max(worst, relative(state[key].numpy(), want.numpy()))
+    return compared, equal, worst
+
+
+def test_calibration_search_matches_the_fork(fixture, tmp_path) -> None:
+    """From the fork's MLP-reconstructed weights: every quantizer of the detector and every folded LayerNorm."""
+    arrays, meta = fixture
+    model, _, _ = calibrated_from_fork_mlps(arrays, meta, tmp_path, iters=0)
+    compared, equal, worst = compare_calibration(model, arrays)
     assert compared == 390 and worst < 1e-4 and equal >= 250, (compared, equal, worst)  # made: 282 equal, 6.4e-6
 
 
@@ -288,6 +298,29 @@ def torch_clamp_gradients(quantizers):
             q.literal_gradient, q.inclusive_clamp = literal, inclusive
 
 
+def assert_reconstruction_matches(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Every rounded weight code of every unit equal to the fork's; every learned step within 1e-4."""
+    from ptq_bench.models import named_quantizers
+    from tasks.coco import convert_mmdet2_swin
+
+    modules, quantizers = dict(model.named_modules()), dict(named_quantizers(model))
+    codes = {key[len("recon/"):-len("/codes")] + ".weight": torch.from_numpy(v.astype(np.float32))
+             for key, v in arrays.items() if key.startswith("recon/") and key.endswith("/codes")}
+    total = 0
+    for key, want in convert_mmdet2_swin(codes).items():  # the patch merging's input channels in our order
+        layer = modules[key[:-len(".weight")]]
+        got = (layer.weight.detach() / layer.weight_quantizer.scale).round()
+        assert torch.equal(got, want), f"{key}: {(got != want).sum().item()} codes differ"
+        total += want.numel()
+    assert total == 152832
+    steps = [key for key in arrays if key.startswith("recon/") and key.endswith("_scale")]
+    assert len(steps) == 75
+    for key in steps:
+        module, what = key[len("recon/"):].rsplit("/", 1)
+        got = quantizers[f"{ours_name(module)}.{QUANTIZER[what[0]]}"].scale.detach().reshape(-1).numpy()
+        assert relative(got, arrays[key].reshape(-1)) < 1e-4, key
+
+
 def test_block_reconstruction_matches_the_fork_given_its_hessians(fixture, tmp_path, monkeypatch) -> None:
     """``BlockReconstructor.reconstruct_model`` (qdrop mode, activation steps learned, drop_prob = quant_ratio = 0.5:
     the masks from one generator seeded as the fork's global one, drawn in its layouts) after our calibration from
@@ -295,8 +328,6 @@ def test_block_reconstruction_matches_the_fork_given_its_hessians(fixture, tmp_p
     ours. Every rounded weight code of every unit equal; the learned steps within 1e-4 (they start from our
     calibration, itself within 6.4e-6)."""
     import ptq_bench.methods.aphq_vit_detection as det
-    from ptq_bench.models import named_quantizers
-    from tasks.coco import convert_mmdet2_swin
 
     arrays, meta = fixture
     drop = meta["drop_prob"]
@@ -317,19 +348,31 @@ def test_block_reconstruction_matches_the_fork_given_its_hessians(fixture, tmp_p
     training = dataclasses.replace(method.unit_training(), in_order=True)
     det.reconstruct_detector_(model, fp, data, training, drop, True, torch.Generator().manual_seed(meta["seed"]), "aphq_vit")
 
-    modules, quantizers = dict(model.named_modules()), dict(named_quantizers(model))
-    codes = {key[len("recon/"):-len("/codes")] + ".weight": torch.from_numpy(v.astype(np.float32))
-             for key, v in arrays.items() if key.startswith("recon/") and key.endswith("/codes")}
-    total = 0
-    for key, want in convert_mmdet2_swin(codes).items():  # the patch merging's input channels in our order
-        layer = modules[key[:-len(".weight")]]
-        got = (layer.weight.detach() / layer.weight_quantizer.scale).round()
-        assert torch.equal(got, want), f"{key}: {(got != want).sum().item()} codes differ"
-        total += want.numel()
-    assert total == 152832
-    steps = [key for key in arrays if key.startswith("recon/") and key.endswith("_scale")]
-    assert len(steps) == 75
-    for key in steps:
-        module, what = key[len("recon/"):].rsplit("/", 1)
-        got = quantizers[f"{ours_name(module)}.{QUANTIZER[what[0]]}"].scale.detach().reshape(-1).numpy()
-        assert relative(got, arrays[key].reshape(-1)) < 1e-4, key
+    assert_reconstruction_matches(model, arrays)
+
+
+def test_qdrop_on_the_detector_matches_the_fork(fixture, tmp_path, monkeypatch) -> None:
+    """QDrop (the fork's pipeline with optim_metric mse and no MLP reconstruction: GELU FFNs, plain FP targets):
+    calibration search and block reconstruction from the same tiny detector and images
+    (aphq_det_pipeline_qdrop_w4a4.npz; its weights are the APHQ-ViT fixture's, same seed)."""
+    import ptq_bench.methods.aphq_vit_detection as det
+    from ptq_bench.methods import BitWidth, build_method
+
+    aphq, aphq_meta = fixture
+    arrays, meta = load_fixture("aphq_det_pipeline_qdrop_w4a4.npz")
+    assert meta["oracle"].startswith("oracles/aphq_detection_pipeline.py") and "--optim-metric mse" in meta["oracle"]
+    assert meta["stages"] == ["calib", "recon"] and (meta["seed"], meta["tiny"]) == (aphq_meta["seed"], aphq_meta["tiny"])
+    state = {k: v for k, v in aphq.items() if k.startswith("state/")}
+    model, fp = fork_model(state, tmp_path), fork_model(state, tmp_path)
+    data = calibration_data(oracle_images(meta))
+    method = build_method("qdrop", BitWidth(4, 4), batch_size=1, search_size=1, iters=meta["recon_iters"],
+                          drop_prob=meta["drop_prob"])
+    method.detector = True
+    method.calibrate_(model, dataclasses.replace(data, samples=data.samples[:1]))
+    compared, equal, worst = compare_calibration(model, arrays)
+    assert compared == 390 and worst < 1e-4 and equal >= 250, (compared, equal, worst)  # made: 288 equal, 3.4e-5
+    monkeypatch.setattr(det, "official_gradients", torch_clamp_gradients)
+    training = dataclasses.replace(method.unit_training(), in_order=True)
+    det.reconstruct_detector_(model, fp, data, training, meta["drop_prob"], False,
+                              torch.Generator().manual_seed(meta["seed"]), "qdrop")
+    assert_reconstruction_matches(model, arrays)
