@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """APHQ-ViT's whole detection pipeline as the detection fork runs it (GoatWu/APHQ-ViT @ 84c9fde,
 Object-Detection/tools/test.py ``main`` with quant_configs/4bit.py: MLP reconstruction, calibration search, block
-reconstruction) on a tiny seeded Swin Mask R-CNN and seeded
-image tensors: the run behind tests/fixtures/aphq_det_pipeline_*.npz. No official code is copied here; the fork's
+reconstruction) on a tiny seeded Swin Mask R-CNN and seeded image tensors: the run behind
+tests/fixtures/aphq_det_pipeline_*.npz. No official code is copied here; the fork's
 mmdet 2.11.0 (``$PEER_ROOT/APHQ-ViT/Object-Detection``) and its ``tools`` are imported at run time.
 
 Interpreter: ``$PEER_ROOT/det2-venv`` (set-up in oracles/README.md): mmcv 1.3.17 installed from its sdist with
@@ -23,8 +23,9 @@ Patches (run time, nothing written into the fork):
   ``{'img': DC([x]), 'img_metas': DC([[meta]])}`` of seeded N(0, 1) image tensors of the sizes in --sizes, already
   "normalised" and padded (multiples of 32): img_shape = pad_shape = ori_shape, scale_factor 1, no flip. The
   block reconstruction iterates them through a torch DataLoader (``loader``: one base seed drawn from the global
-  generator per pass, as the fork's loaders draw). The test.py calls then run as written: MLPReconstructor(model, full_model, loader, optim_size).reconstruct_model(pct),
-  wrap_modules_in_net(model, cfg, reparam=True, recon=True), QuantCalibrator(model, loader, 1).batching_quant_calib().
+  generator per pass, as the fork's loaders draw). The test.py calls then run as written:
+  MLPReconstructor(model, full_model, loader, optim_size).reconstruct_model(pct), wrap_modules_in_net(model, cfg,
+  reparam=True, recon=True), QuantCalibrator(model, loader, 1).batching_quant_calib(), BlockReconstructor (below).
   optim_size = the number of images; the MLP reconstruction's 20000 iterations become --mlp-iters (the default
   argument of ``reconstruct_single_block`` rebound; lr 4e-5 and the loss as written).
 * The MLP reconstruction runs in float64 (--mlp-dtype; model, FP copy and images cast, then back to float32 for the
