@@ -103,14 +103,16 @@ def layer_calls(model: nn.Module, layer: nn.Module, data: CalibrationData) -> tu
     return inputs, outputs
 
 
+def _window_qkv(module: nn.Module) -> nn.Module | None:
+    """The qkv Linear of an mmdet ``ShiftWindowMSA`` (``w_msa.qkv``); None for any other module."""
+    if not (hasattr(module, "window_partition") and hasattr(module, "shift_size")):
+        return None
+    return getattr(getattr(module, "w_msa", None), "qkv", None)
+
+
 def _shift_window_msa_of(model: nn.Module, layer: nn.Module) -> nn.Module | None:
     """The mmdet ``ShiftWindowMSA`` whose ``w_msa.qkv`` is ``layer``, if any."""
-    for module in model.modules():
-        w_msa = getattr(module, "w_msa", None)
-        if (w_msa is not None and getattr(w_msa, "qkv", None) is layer and hasattr(module, "window_partition")
-                and hasattr(module, "shift_size")):
-            return module
-    return None
+    return next((module for module in model.modules() if _window_qkv(module) is layer), None)
 
 
 def fork_windows(msa: nn.Module, x: torch.Tensor, hw_shape: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
@@ -240,9 +242,8 @@ def _fork_dropping(unit: nn.Module, quantizers: list[UniformQuantizer], prob: fl
     windowed: dict[int, nn.Module] = {}
     merging: set[int] = set()
     for module in unit.modules():
-        qkv = getattr(getattr(module, "w_msa", None), "qkv", None)
-        quantizer = getattr(qkv, "input_quantizer", None)
-        if quantizer is not None and hasattr(module, "window_partition") and hasattr(module, "shift_size"):
+        quantizer = getattr(_window_qkv(module), "input_quantizer", None)
+        if quantizer is not None:
             windowed[id(quantizer)] = module
         if isinstance(module, _mmdet_types()[2]) and getattr(module.reduction, "input_quantizer", None) is not None:
             merging.add(id(module.reduction.input_quantizer))
