@@ -50,6 +50,7 @@ os.environ.setdefault("PEER_ROOT", str(REPO.parent / "peers"))
 BASE_ORACLES = Path(os.environ.get("BASE_ORACLES", str(REPO.parent / "shared" / "oracles")))
 sys.path.insert(0, str(HERE))
 import _tiny_models as tiny
+from _inclusive_clamp import inclusive_clamp
 
 CONFIGS = {"adalog": "configs/{b}bit.py", "aphqvit": "configs/{b}bit/best.py", "fimaq": "configs/{b}bit/best.py"}
 TIMM_NAMES = {"vit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224",
@@ -83,43 +84,6 @@ def parse_cfg(text: str) -> dict:
         except (ValueError, SyntaxError):
             out[key.strip()] = value.strip()
     return out
-
-
-def inclusive_clamp():
-    """torch.clamp / Tensor.clamp with number (or None) bounds differentiated as torch <= 2.13 did."""
-    import torch
-    orig_fn, orig_method = torch.clamp, torch.Tensor.clamp
-
-    class InclusiveClamp(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, lo, hi):
-            ctx.save_for_backward(x)
-            ctx.bounds = (lo, hi)
-            return orig_fn(x, lo, hi)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            lo, hi = ctx.bounds
-            inside = torch.ones_like(x, dtype=torch.bool)
-            if lo is not None:
-                inside = inside & (x >= lo)
-            if hi is not None:
-                inside = inside & (x <= hi)
-            return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype)), None, None
-
-    def wants_patch(x, lo, hi, kw):
-        return (not kw and isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
-                and all(b is None or isinstance(b, (int, float)) for b in (lo, hi)))
-
-    def clamp(x, min=None, max=None, **kw):
-        return InclusiveClamp.apply(x, min, max) if wants_patch(x, min, max, kw) else orig_fn(x, min, max, **kw)
-
-    def clamp_method(self, min=None, max=None, **kw):
-        return InclusiveClamp.apply(self, min, max) if wants_patch(self, min, max, kw) else orig_method(self, min, max, **kw)
-
-    torch.clamp = clamp
-    torch.Tensor.clamp = clamp_method
 
 
 def official_patches(a, repo: Path):

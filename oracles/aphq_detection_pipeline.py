@@ -35,7 +35,8 @@ Patches (run time, nothing written into the fork):
   shrunk (``TINY``: embed_dim 8, depths 2,2,2,2, heads 1,2,2,4, window 2, FPN 16, RPN test nms_pre 60 /
   max_per_img 30, rcnn score_thr 0 / max_per_img 8), built with ``torch.manual_seed(--seed)`` and
   ``init_weights()``, then ``rpn_head.rpn_cls.bias = 1`` (objectness > 0.7 somewhere on every image: the Hessian's
-  box term needs it). Window 2 and the default sizes 64x64, 64x128 leave no window padded at any stage.
+  box term needs it). Window 2 and the default sizes 64x64, 64x128 leave no window padded at any stage; 64x96,96x160
+  pad the last stage's windows.
 
 Bundle keys (module names the fork's: mmdet 2 Swin ``backbone.layers.N.blocks.M.attn.qkv``, ``mlp.fc1``...):
 ``state/<key>`` the tiny detector's weights (also a checkpoint at --state); ``fp/backbone/<i>/<level>``,
@@ -319,6 +320,9 @@ def run(a: argparse.Namespace) -> dict:
                 out[f"recon/{name}/h/{i}"] = h.clone()
 
         block_recon.BlockReconstructor.init_block_raw_grad = recorded_grads
+        if a.clamp_inclusive:
+            from _inclusive_clamp import inclusive_clamp
+            inclusive_clamp()
         torch.manual_seed(a.seed)
         rec = block_recon.BlockReconstructor(model, full_model, loader(batches), quant_cfg.optim_size,
                                              metric=quant_cfg.optim_metric, keep_gpu=False)
@@ -386,6 +390,8 @@ def main() -> None:
     p.add_argument("--optim-metric", default="hessian_perturb", choices=["hessian_perturb", "mse"],
                    help="4bit.py's hessian_perturb (APHQ-ViT), or mse (QDrop, with --stages calib,recon)")
     p.add_argument("--recon-iters", type=int, default=4, help="block reconstruction steps per unit (the fork: 20000)")
+    p.add_argument("--clamp-inclusive", action="store_true",
+                   help="block reconstruction with torch <= 2.13's clamp gradient (the README's torch 1.10)")
     p.add_argument("--drop-prob", type=float, default=0.5, help="4bit.py's 0.5 (1: no activation dropped)")
     p.add_argument("--quant-ratio", type=float, default=0.5, help="4bit.py's 0.5 (1: the quantized unit input only)")
     p.add_argument("--mlp-data", action="store_true", help="also write each FFN's training inputs and targets")

@@ -182,6 +182,10 @@ class Coco(Task):
 
     name = "coco"
     primary_metric = "bbox_mAP"
+    #: raised when a fix changes what a calibrated detector computes, so that its runs get new keys (0: none yet;
+    #: 1: Swin's padded windows as mmdet and the official forks run them, zeros through qkv and its quantizer,
+    #: ptq_bench/architectures/mmdet_swin.py)
+    revision = 1
 
     def __init__(self, cfg: DictConfig, progress: bool) -> None:
         super().__init__(cfg, progress)
@@ -198,7 +202,7 @@ class Coco(Task):
     def identity(self) -> dict[str, Any]:
         """The data settings; where calibration images come from (``data.calib_split``/``calib_draw``) only for a run
         that calibrates and draws otherwise than seeded from train2017 (as runs recorded before the choice existed
-        did, so they keep their keys). Needs :meth:`check_data`."""
+        did, so they keep their keys); :attr:`revision` for a run that calibrates. Needs :meth:`check_data`."""
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         data.pop("workers", None)
         split, draw = data.pop("calib_split"), data.pop("calib_draw")
@@ -206,12 +210,14 @@ class Coco(Task):
             raise RuntimeError("Coco.identity() before check_data(): whether the run calibrates is not known yet")
         if self.calibrates and (split, draw) != ("train", "seeded"):
             data["calibration_images"] = f"{split}/{draw}"
+        revision = {"revision": self.revision} if self.calibrates else {}
         model_text = json.dumps(self.mmcfg.model.to_dict(), sort_keys=True, default=str)
         return {
             "metrics": list(self.cfg.task.metrics),
             "batch_size": int(self.cfg.task.batch_size),  # images padded together change the result
             "data": data,
             "mmdet_model_sha256": hashlib.sha256(model_text.encode()).hexdigest(),
+            **revision,
         }
 
     def build_model(self) -> tuple[nn.Module, ModelInfo]:

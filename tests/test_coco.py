@@ -1,7 +1,7 @@
 """COCO detection through mmdet 3 (task=coco): a tiny COCO-format dataset written here, a randomly initialised
 Mask R-CNN with a shrunken mmdet Swin backbone, end to end through run.py (fp, repq_vit, dopq_vit and qdrop with a
 tiny reconstruction), APHQ-ViT's detection pipeline (RPN Hessian, MLP and unit reconstruction), the mmdet Swin
-adapter (FP function with quantizers off, RepQ-ViT fold keeps it, block capture with hw_shape), and the conversion
+adapter (FP function with quantizers off, mmdet's padding, RepQ-ViT fold keeps real tokens, block capture with hw_shape), and the conversion
 of the Swin repository's mmdet-2.x checkpoint keys. Skipped without the detection extra."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mmdet.datasets import CocoDataset  # noqa: E402
 from ptq_bench.calibration import CalibrationData  # noqa: E402
 from ptq_bench.errors import DataError  # noqa: E402
 from ptq_bench.methods import BitWidth, build_method  # noqa: E402
+from ptq_bench.models.prepare import quantizers_off  # noqa: E402
 from ptq_bench.models import calibrating, layernorm_linear_pairs, named_quantizers, prepare_, set_quantizers_enabled  # noqa: E402
 from ptq_bench.quant import UniformQuantizer  # noqa: E402
 from ptq_bench.results.store import RecordStore  # noqa: E402
@@ -156,20 +157,48 @@ def test_quantizers_off_reproduce_the_fp_detector(built):
         assert fp.shape == wrapped.shape and torch.allclose(fp, wrapped, atol=1e-4, rtol=1e-4)
 
 
-def test_repq_reparameterization_keeps_the_fp_backbone(built):
+def test_window_attention_is_mmdets_forward_bit_for_bit_on_padded_windows(built):
+    """The adapter's ShiftWindowMSA runs mmdet's own operations: zeros padded after the LayerNorm reach qkv."""
+    from mmdet.models.backbones.swin import ShiftWindowMSA
+
+    _, model, _ = built
+    prepared = copy.deepcopy(model)
+    prepare_(prepared, factory)
+    set_quantizers_enabled(prepared, False)
+    shifted = [m for m in prepared.modules() if isinstance(m, ShiftWindowMSA) and m.shift_size > 0][0]
+    x = torch.randn(2, 5 * 7, shifted.w_msa.embed_dims, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(shifted(x, (5, 7)), ShiftWindowMSA.forward(shifted, x, (5, 7)))
+
+
+def test_repq_fold_keeps_every_real_token_and_moves_padded_ones_as_the_official_code(built):
+    """Held at their pre-fold projection, padded positions leave the folded backbone equal to the FP one (the fold
+    is right on every real token); unheld, they take the folded qkv(0) as in RepQ-ViT's fork, which moves the
+    features of every image here (their stage sizes are padded)."""
+    from contextlib import ExitStack
+
     _, model, data = built
     prepared = copy.deepcopy(model)
     reference = backbone_features(model, data)
     prepare_(prepared, factory)
     pairs = layernorm_linear_pairs(prepared)
     assert len(pairs) == 2 * 8 + 3  # norm1→qkv and norm2→fc1 in 8 blocks, norm→reduction in 3 patch mergings
+    holders = [m for m in prepared.modules() if hasattr(m, "padding_held")]
+    assert len(holders) == 8
+    with quantizers_off(prepared):
+        projections = [m.zero_token_projection() for m in holders]
     with torch.no_grad(), calibrating(prepared):
         data.run(prepared)
         edited = reparameterize_layernorm_(prepared, mean_target)
     assert edited
     set_quantizers_enabled(prepared, False)
-    for fp, folded in zip(reference, backbone_features(prepared, data)):
-        assert torch.allclose(fp, folded, atol=1e-4, rtol=1e-4)
+    with ExitStack() as stack:
+        for module, projection in zip(holders, projections):
+            stack.enter_context(module.padding_held(projection))
+        for fp, folded in zip(reference, backbone_features(prepared, data)):
+            assert torch.allclose(fp, folded, atol=1e-4, rtol=1e-4)
+    moved = [((folded - fp).norm() / fp.norm()).item() for fp, folded in zip(reference, backbone_features(prepared, data))]
+    assert max(moved) > 1e-3
 
 
 def test_block_capture_keeps_each_images_shape_and_hw_shape(built):
@@ -270,8 +299,9 @@ def test_calibration_images_first_of_val_as_the_detection_fork_reads_them(coco_r
     default.build_model()
     default.check_data(2)
     assert "calibration_images" not in default.identity()["data"] and "calib_split" not in default.identity()["data"]
-    task.check_data(0)  # no calibration: where its images would come from is no part of the key
-    assert "calibration_images" not in task.identity()["data"]
+    assert default.identity()["revision"] == 1  # padded windows as the official forks: calibrated runs re-keyed
+    task.check_data(0)  # no calibration: where its images would come from is no part of the key, nor the revision
+    assert "calibration_images" not in task.identity()["data"] and "revision" not in task.identity()
     with pytest.raises(ConfigError, match="data.calib_draw=last: expected one of seeded, first"):
         task_for(root, tiny_config, data={"calib_draw": "last"}).validate()
 
@@ -305,6 +335,8 @@ def test_run_py_task_coco_fp_repq_and_reconstruction(tmp_path, coco_root, tiny_c
     assert "backbone.patch_embed.projection" in quantized and "roi_head.bbox_head.fc_cls" in quantized
     assert by_method["repq_vit"]["calibration"]["num_images"] == 2
     assert len(by_method["repq_vit"]["calibration"]["image_ids"]) == 2
+    fold = by_method["repq_vit"]["transforms"][0]  # real tokens kept; padded ones moved, as in RepQ-ViT's fork
+    assert fold["fp_relative_error"] < 1e-3 < fold["padded_fp_relative_error"] and "zeros through qkv" in fold["padding"]
 
 
 def test_run_py_task_coco_subset_and_one_line_errors(tmp_path, coco_root, tiny_config):
@@ -432,7 +464,8 @@ def test_annotation_categories_must_be_the_detectors_classes(tmp_path, coco_root
 
 def test_erq_reduces_a_head_shared_by_the_fpn_levels_on_the_rows_of_every_level(built):
     """ERQ's Aqer/Wqer of a layer use its FP input rows (the official code: its first call, the only one in a ViT).
-    The RPN head runs once per FPN level: it is reduced once, after the pass, on the rows of all five levels."""
+    The RPN head runs once per FPN level: it is reduced once, after the pass, on the rows of all five levels; a
+    window attention's qkv on its padded windows' rows."""
     from ptq_bench.methods.erq import ERQ
 
     _, model, data = built
@@ -458,7 +491,9 @@ def test_erq_reduces_a_head_shared_by_the_fpn_levels_on_the_rows_of_every_level(
     counts = dict(reduced)
     assert len(counts) == len(reduced)  # every layer reduced exactly once
     assert counts["rpn_head.rpn_conv"] == sum(level.shape[0] * level.shape[2] * level.shape[3] for level in levels)
-    assert counts["backbone.stages.0.blocks.0.attn.w_msa.qkv"] == inputs.shape[0] * inputs.shape[2] * inputs.shape[3] // 16
+    window = quantized.backbone.stages[0].blocks[0].attn.window_size  # qkv sees the zero-padded windows, as mmdet runs it
+    padded = [-(-side // 4 // window) * window for side in inputs.shape[2:]]
+    assert counts["backbone.stages.0.blocks.0.attn.w_msa.qkv"] == inputs.shape[0] * padded[0] * padded[1]
 
 
 def confident_rpn(model: torch.nn.Module) -> torch.nn.Module:

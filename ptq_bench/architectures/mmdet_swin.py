@@ -13,20 +13,24 @@ mmdet is imported lazily (only when a model from ``mmdet.models.backbones.swin``
 nothing in runs without the detection extra.
 
 Padding and the LayerNorm fold: ``ShiftWindowMSA`` pads the *LayerNorm output* with zeros up to a multiple of the
-window size, and the padded tokens take part in attention. A LayerNorm→Linear scale reparameterization (RepQ-ViT)
-keeps ``qkv(norm(x))`` for real tokens but not ``qkv(0)`` for padded ones, so the fold would change the detector in
-every window that holds padding. :class:`FoldSafeShiftWindowMSA` therefore projects the real tokens first and fills
-the padded positions with the FP projection of a zero token (the qkv bias at preparation): the same function as
-mmdet's forward, and one that every fold keeps. (In RepQ-ViT's fork the padded zeros also reach the qkv input
-quantizer; here only real tokens do.)
+window size, and the padded tokens take part in attention. :class:`ZeroPaddedShiftWindowMSA` keeps that, as mmdet
+and every official detection fork do (RepQ-ViT's and APHQ-ViT's forks of Swin-Transformer-Object-Detection): the
+padded zeros reach the qkv input quantizer, and a padded token's q, k, v is ``qkv(0)``. A LayerNorm→Linear scale
+reparameterization keeps ``qkv(norm(x))`` for real tokens but moves ``qkv(0)`` (the folded bias), so in the official
+code the fold changes the FP detector in every window that holds padding; so it does here. The run-time fold check
+(:func:`ptq_bench.transforms.invariants.keeps_fp_function`) holds padded positions at their projection before the
+transform (:meth:`~ZeroPaddedShiftWindowMSA.padding_held`), so that it still proves the fold on every real token,
+and records the change of the unheld detector beside it.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ptq_bench.architectures.base import ARCHITECTURES, ArchitectureAdapter, NormLinearPair
@@ -86,19 +90,32 @@ def _make_classes() -> tuple[type, type]:
             x = self.matmul2(attn, v).transpose(1, 2).reshape(B, N, C)
             return self.proj_drop(self.proj(x))
 
-    class FoldSafeShiftWindowMSA(swin.ShiftWindowMSA):
-        """mmdet ``ShiftWindowMSA`` that projects tokens before padding and fills padded positions with the FP
-        projection of a zero token (see the module docstring); otherwise mmdet's shift, mask and window order."""
+    class ZeroPaddedShiftWindowMSA(swin.ShiftWindowMSA):
+        """mmdet ``ShiftWindowMSA``, operation for operation (zeros padded after the LayerNorm, rolled, cut into
+        windows, projected by qkv), with the qkv call and the attention split so that a fold check can hold the
+        padded positions' projection (module docstring)."""
 
-        pad_qkv: torch.Tensor
+        held_qkv: Optional[torch.Tensor] = None
 
         @classmethod
         def convert_(cls, module: nn.Module) -> nn.Module:
             module.__class__ = cls
-            qkv = module.w_msa.qkv
-            pad = qkv.bias.detach().clone() if qkv.bias is not None else torch.zeros(qkv.out_features)
-            module.register_buffer("pad_qkv", pad.to(qkv.weight.device), persistent=False)
             return module
+
+        def zero_token_projection(self) -> torch.Tensor:
+            """qkv of a zero token now (the bias of a plain Linear; call with the quantizers off for the FP one)."""
+            qkv = self.w_msa.qkv
+            with torch.no_grad():
+                return qkv(torch.zeros(1, 1, qkv.in_features, dtype=qkv.weight.dtype, device=qkv.weight.device))[0, 0]
+
+        @contextmanager
+        def padding_held(self, projection: torch.Tensor) -> Iterator[None]:
+            """Padded positions take ``projection`` as their qkv output inside the context."""
+            self.held_qkv = projection
+            try:
+                yield
+            finally:
+                self.held_qkv = None
 
         def shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
             """The additive SW-MSA mask (0 within a region, -100 across regions), one per window."""
@@ -111,32 +128,34 @@ def _make_classes() -> tuple[type, type]:
             diff = ids.unsqueeze(1) - ids.unsqueeze(2)
             return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
+        def windows(self, x: torch.Tensor, pad_r: int, pad_b: int) -> torch.Tensor:
+            """``(B, H, W, D)`` padded with zeros, rolled by -shift, partitioned: ``(windows·B, ws², D)``."""
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+            if self.shift_size > 0:
+                x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+            return self.window_partition(x).view(-1, self.window_size**2, x.shape[-1])
+
         def forward(self, query: torch.Tensor, hw_shape: tuple[int, int]) -> torch.Tensor:
             B, L, C = query.shape
             H, W = hw_shape
             if L != H * W:
                 raise ValueError("input feature has wrong size")
             ws = self.window_size
-            qkv = self.w_msa.qkv(query).view(B, H, W, -1)
             pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
-            if pad_r or pad_b:
-                canvas = self.pad_qkv.to(qkv.dtype).expand(B, H + pad_b, W + pad_r, qkv.shape[-1]).clone()
-                canvas[:, :H, :W] = qkv
-                qkv = canvas
-            Hp, Wp = qkv.shape[1], qkv.shape[2]
-            mask = None
-            if self.shift_size > 0:
-                qkv = torch.roll(qkv, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-                mask = self.shift_mask(Hp, Wp, qkv.device)
-            windows = self.window_partition(qkv).view(-1, ws * ws, qkv.shape[-1])
-            out = self.w_msa.attend(windows, mask).view(-1, ws, ws, C)
+            Hp, Wp = H + pad_b, W + pad_r
+            qkv = self.w_msa.qkv(self.windows(query.view(B, H, W, C), pad_r, pad_b))
+            if self.held_qkv is not None and (pad_r or pad_b):
+                real = self.windows(query.new_ones(1, H, W, 1), pad_r, pad_b).repeat(B, 1, 1)
+                qkv = torch.where(real > 0, qkv, self.held_qkv.to(qkv.dtype))
+            mask = self.shift_mask(Hp, Wp, query.device) if self.shift_size > 0 else None
+            out = self.w_msa.attend(qkv, mask).view(-1, ws, ws, C)
             x = self.window_reverse(out, Hp, Wp)
             if self.shift_size > 0:
                 x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
             x = x[:, :H, :W, :].contiguous().view(B, H * W, C)
             return self.drop(x)
 
-    return QuantWindowMSA, FoldSafeShiftWindowMSA
+    return QuantWindowMSA, ZeroPaddedShiftWindowMSA
 
 
 def _ffn_linears(ffn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
@@ -164,15 +183,15 @@ class MMDetSwin(ArchitectureAdapter):
         return super().matches(model)
 
     def prepare_blocks(self, model: nn.Module) -> None:
-        """Give every ``ShiftWindowMSA`` the fold-safe padding (module docstring); a subclass with its own forward
-        is refused rather than replaced."""
+        """Make every ``ShiftWindowMSA`` a :class:`ZeroPaddedShiftWindowMSA` (mmdet's forward, padding holdable by
+        the fold check); a subclass with its own forward is refused rather than replaced."""
         swin = _swin()
-        _, fold_safe = _Lazy.classes()
+        _, zero_padded = _Lazy.classes()
         for name, module in model.named_modules():
-            if isinstance(module, swin.ShiftWindowMSA) and not isinstance(module, fold_safe):
+            if isinstance(module, swin.ShiftWindowMSA) and not isinstance(module, zero_padded):
                 if type(module).forward is not swin.ShiftWindowMSA.forward:
                     raise ConfigError(f"'{name}' ({type(module).__name__}) overrides ShiftWindowMSA.forward: {self.name} cannot quantize it")
-                fold_safe.convert_(module)
+                zero_padded.convert_(module)
 
     def layer_roles(self, model: nn.Module) -> dict[int, str]:
         swin = _swin()
@@ -195,7 +214,7 @@ class MMDetSwin(ArchitectureAdapter):
         return isinstance(module, swin.SwinBlock) and isinstance(module.attn, swin.ShiftWindowMSA)
 
     def block_pairs(self, name: str, block: nn.Module) -> list[NormLinearPair]:
-        """norm1 → attn.w_msa.qkv (through the fold-safe padding) and norm2 → ffn fc1."""
+        """norm1 → attn.w_msa.qkv (whose padded zeros the fold moves, as in the official code) and norm2 → ffn fc1."""
         prefix = f"{name}." if name else ""
         return [
             NormLinearPair(prefix + "norm1", block.norm1, (block.attn.w_msa.qkv,)),

@@ -15,9 +15,9 @@ The fork differs from the classification code in every stage; what is followed h
   for the later FFNs' captures and Hessians and for the whole block reconstruction. That is reproduced.
 * **Calibration**: every Conv2d and Linear of the detector (backbone, FPN, RPN, RoI heads) and the two attention
   matmuls; one forward of each search image per layer, all of a layer's calls kept (a Linear's and a matmul's
-  concatenated, a conv's as a list: the RPN convs run once per FPN level; a window attention's qkv as the fork's
-  ``WindowAttention`` sees it: the LayerNorm output padded with zeros, rolled, cut into windows, so that with one
-  search image its input search scores the first window, as the fork's does); the searches of
+  concatenated, a conv's as a list: the RPN convs run once per FPN level; a window attention's qkv on the LayerNorm
+  output padded with zeros, rolled, cut into windows, as mmdet's and the fork's Swin run it, so that with one search
+  image its input search scores the first window, as the fork's does); the searches of
   :mod:`ptq_bench.methods.aphq_vit_detection_search`. A conv's input is quantized per tensor at a bits (the
   patch embedding's at 8 bits, which the fork's conv leaves float).
 * **Block reconstruction**: units PatchEmbed, every SwinBlock, PatchMerging and the FPN, in module order (the RPN and
@@ -29,7 +29,7 @@ The fork differs from the classification code in every stage; what is followed h
   divided by its first value and doubled, plus the rounding regularizer, as in the classification code. The masks
   come from one generator in the fork's order and layouts (the fork draws ``rand_like`` from its global generator):
   per unit first the seeds of its loader passes (2, 4 with a Hessian), then per step the input mix and each Linear
-  input in call order, the qkv input's over the fork's windows and the patch merging's over its channel order.
+  input in call order, the patch merging's over the fork's channel order.
 """
 
 from __future__ import annotations
@@ -65,13 +65,10 @@ PERCENTILE_IMAGES = 128
 
 def layer_calls(model: nn.Module, layer: nn.Module, data: CalibrationData) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """Every call of ``layer`` in the FP forward of each calibration image: per argument the list of its tensors
-    over the calls, and the list of outputs (``QuantCalibrator`` hooks, batch 1). A window attention's qkv (which
-    our Swin adapter applies to the unpadded token sequence) is handed over in the fork's layout: its windows
-    (:func:`fork_windows`), as the fork's ``WindowAttention.qkv`` sees them."""
+    over the calls, and the list of outputs (``QuantCalibrator`` hooks, batch 1). A window attention's qkv sees the
+    zero-padded, rolled windows (``(windows, ws², C)``), as the fork's ``WindowAttention.qkv`` does."""
     inputs: list[list[torch.Tensor]] = []
     outputs: list[torch.Tensor] = []
-    msa = _shift_window_msa_of(model, layer)
-    shapes: list[tuple[int, int]] = []
 
     def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         for k, a in enumerate(args):
@@ -80,58 +77,16 @@ def layer_calls(model: nn.Module, layer: nn.Module, data: CalibrationData) -> tu
             inputs[k].append(a.detach())
         outputs.append(output.detach())
 
-    def shape_hook(_module: nn.Module, args: tuple) -> None:
-        shapes.append(tuple(args[1]))
-
-    handles = [layer.register_forward_hook(hook)]
-    if msa is not None:
-        handles.append(msa.register_forward_pre_hook(shape_hook))
+    handle = layer.register_forward_hook(hook)
     try:
         with torch.no_grad():
             for i in range(len(data)):
                 data.forward(model, data.batch(i, i + 1))
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     if not outputs:
         raise ConfigError(f"a {type(layer).__name__} of the detector was not called on the calibration images")
-    if msa is not None and len(shapes) == len(outputs) and inputs[0][0].ndim == 3:
-        bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else torch.zeros(outputs[0].shape[-1])
-        inputs[0] = [fork_windows(msa, x, hw, torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device))
-                     for x, hw in zip(inputs[0], shapes)]
-        outputs = [fork_windows(msa, y, hw, bias.to(y)) for y, hw in zip(outputs, shapes)]
     return inputs, outputs
-
-
-def _window_qkv(module: nn.Module) -> nn.Module | None:
-    """The qkv Linear of an mmdet ``ShiftWindowMSA`` (``w_msa.qkv``); None for any other module."""
-    if not (hasattr(module, "window_partition") and hasattr(module, "shift_size")):
-        return None
-    return getattr(getattr(module, "w_msa", None), "qkv", None)
-
-
-def _shift_window_msa_of(model: nn.Module, layer: nn.Module) -> nn.Module | None:
-    """The mmdet ``ShiftWindowMSA`` whose ``w_msa.qkv`` is ``layer``, if any."""
-    return next((module for module in model.modules() if _window_qkv(module) is layer), None)
-
-
-def fork_windows(msa: nn.Module, x: torch.Tensor, hw_shape: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
-    """Tokens ``(B, H·W, D)`` as the fork's ``WindowAttention`` receives them: padded with ``fill`` up to multiples
-    of the window (the fork pads the LayerNorm output with zeros, so a padded token's qkv output is the bias), rolled
-    by -shift for a shifted block, partitioned into ``(windows·B, ws², D)``. The fork's calibrator concatenates these
-    windows, and with calib_batch_size 1 its input search scores the first window only."""
-    B, _, D = x.shape
-    H, W = hw_shape
-    ws = msa.window_size
-    x = x.reshape(B, H, W, D)
-    pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
-    if pad_r or pad_b:
-        canvas = fill.expand(B, H + pad_b, W + pad_r, D).clone()
-        canvas[:, :H, :W] = x
-        x = canvas
-    if msa.shift_size > 0:
-        x = torch.roll(x, shifts=(-msa.shift_size, -msa.shift_size), dims=(1, 2))
-    return msa.window_partition(x).reshape(-1, ws * ws, D)
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -236,45 +191,21 @@ def _counter(calls: UnitCalls) -> BlockInputs:
 @contextmanager
 def _fork_dropping(unit: nn.Module, quantizers: list[UniformQuantizer], prob: float, generator: torch.Generator):
     """``dropping_activations`` with the masks laid out as the fork draws them (``rand_like`` of the tensor its
-    quantizer sees): a window attention's qkv input over its padded, rolled windows (:func:`fork_windows`), put back
-    on the token sequence our adapter's qkv sees (the padded positions' draws unused); a patch merging's reduction
-    input over the fork's channel order (x0, x1, x2, x3 concatenated), put in ours (nn.Unfold's)."""
-    windowed: dict[int, nn.Module] = {}
-    merging: set[int] = set()
-    for module in unit.modules():
-        quantizer = getattr(_window_qkv(module), "input_quantizer", None)
-        if quantizer is not None:
-            windowed[id(quantizer)] = module
-        if isinstance(module, _mmdet_types()[2]) and getattr(module.reduction, "input_quantizer", None) is not None:
-            merging.add(id(module.reduction.input_quantizer))
-    shapes: dict[int, tuple[int, int]] = {}
-
-    def remember(module: nn.Module, args: tuple) -> None:
-        shapes[id(module)] = tuple(args[1])
+    quantizer sees; a window attention's qkv input is the fork's padded, rolled windows already): a patch merging's
+    reduction input over the fork's channel order (x0, x1, x2, x3 concatenated), put in ours (nn.Unfold's)."""
+    merging = {id(module.reduction.input_quantizer) for module in unit.modules()
+               if isinstance(module, _mmdet_types()[2]) and getattr(module.reduction, "input_quantizer", None) is not None}
 
     def drop(quantizer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        if id(quantizer) in merging:  # drawn over the fork's concat order (x0, x1, x2, x3), put in nn.Unfold's
-            draws = torch.empty_like(x).uniform_(generator=generator)
-            lead, channels = x.shape[:-1], x.shape[-1] // 4
-            keep = draws.view(*lead, 4, channels)[..., [0, 2, 1, 3], :].transpose(-1, -2).reshape(x.shape) < prob
-            return torch.where(keep, output, x)
-        msa = windowed.get(id(quantizer))
-        if msa is None or x.ndim != 3:
+        if id(quantizer) not in merging:
             return torch.where(mask_like(x, prob, generator), output, x)
-        H, W = shapes[id(msa)]
-        ws = msa.window_size
-        Hp, Wp = H + (ws - H % ws) % ws, W + (ws - W % ws) % ws
-        draws = torch.empty((x.shape[0] * (Hp // ws) * (Wp // ws), ws * ws, x.shape[-1]), dtype=x.dtype,
-                            device=x.device).uniform_(generator=generator)
-        grid = msa.window_reverse(draws.view(-1, ws, ws, x.shape[-1]), Hp, Wp)
-        if msa.shift_size > 0:
-            grid = torch.roll(grid, shifts=(msa.shift_size, msa.shift_size), dims=(1, 2))
-        keep = grid[:, :H, :W, :].reshape(x.shape) < prob
+        draws = torch.empty_like(x).uniform_(generator=generator)  # the fork's concat order, put in nn.Unfold's
+        lead, channels = x.shape[:-1], x.shape[-1] // 4
+        keep = draws.view(*lead, 4, channels)[..., [0, 2, 1, 3], :].transpose(-1, -2).reshape(x.shape) < prob
         return torch.where(keep, output, x)
 
     handles = [q.register_forward_hook(drop) for q in quantizers]
-    handles += [msa.register_forward_pre_hook(remember) for msa in {id(m): m for m in windowed.values()}.values()]
     try:
         yield
     finally:
