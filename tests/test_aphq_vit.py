@@ -171,3 +171,32 @@ def test_underflowing_hessian_refused() -> None:
     method = build_method("aphq_vit", BitWidth(4, 4), iters=1, mlp_iters=1)
     with pytest.raises(ConfigError, match="layers.0.blocks.0: the perturbation Hessian"):
         method.prepare_fp_(model, fp, image_calibration(synthetic_batch(3000, 8, (3, 32, 32))))
+
+
+def test_mlp_reconstruction_alone_is_the_fp_model_inside_an_aphq_vit_run() -> None:
+    """aphq_vit_mlp (the READMEs' "MLP Recon." column): ReLU MLPs retrained, nothing quantized, and the very weights
+    aphq_vit's own MLP stage gives with the same options and seed (the stage the full pipeline pins above)."""
+    from ptq_bench.methods.qdrop import fp_copy
+    from ptq_bench.models import named_quantizers
+
+    data = image_calibration(synthetic_batch(11, 8, (3, 32, 32)))
+    options = {"batch_size": 4, "mlp_iters": 3}
+    alone = tiny_vit()
+    reference = {k: v.clone() for k, v in alone.state_dict().items()}
+    method = build_method("aphq_vit_mlp", BitWidth(4, 4), seed=5, **options)
+    assert not method.uses_bits and method.options.mlp_pct == 0.98  # configs/4bit/best.py
+    alone = method.quantize(alone, data)
+    assert not list(named_quantizers(alone))
+    assert all(isinstance(block.mlp.act, torch.nn.ReLU) for block in alone.blocks)
+    record = method.transforms[0]
+    assert record["mlps"] == len(alone.blocks) and all(loss == loss for loss in record["final_losses"])
+
+    staged = tiny_vit()
+    build_method("aphq_vit", BitWidth(4, 4), seed=5, **options).prepare_fp_(staged, fp_copy(staged), data)
+    changed = 0
+    for key, value in staged.state_dict().items():
+        assert torch.equal(alone.state_dict()[key], value), key
+        changed += not torch.equal(value, reference[key])
+    assert changed == 4 * len(alone.blocks)  # fc1 and fc2, weight and bias, of every block
+    with pytest.raises(ConfigError, match="option mlp_pct must be in"):
+        build_method("aphq_vit_mlp", BitWidth(4, 4), mlp_pct=0)

@@ -578,6 +578,27 @@ def test_aphq_family_on_a_detector_follows_the_detection_fork(built, method):
     assert all(torch.isfinite(b).all() and len(b) for b in boxes)
 
 
+def test_mlp_reconstruction_alone_on_a_detector_is_the_aphq_vit_stage_and_quantizes_nothing(built):
+    """aphq_vit_mlp (the detection README's "MLP Recon." column): the fork's MLP stage, as aphq_vit runs it before its
+    calibration, on an FP detector with ReLU FFNs and no quantizer; more than one image per step is refused."""
+    from ptq_bench.errors import ConfigError
+    from ptq_bench.methods.qdrop import fp_copy
+
+    task, model, data = built
+    options = {"batch_size": 1, "mlp_iters": 2, "mlp_pct": 0.999}
+    method = build_method("aphq_vit_mlp", BitWidth(4, 4), **options)
+    alone = method.quantize(confident_rpn(model), data)
+    assert not list(named_quantizers(alone)) and method.transforms[0]["mlps"] == 8
+    staged = confident_rpn(model)
+    build_method("aphq_vit", BitWidth(4, 4), **options).prepare_fp_detector_(staged, fp_copy(staged), data)
+    for key, value in staged.state_dict().items():
+        assert torch.equal(alone.state_dict()[key], value), key
+    acts = {type(b.ffn.layers[0][1]).__name__ for _, b in alone.named_modules() if type(b).__name__ == "SwinBlock"}
+    assert acts == {"ReLU"} and all(torch.isfinite(b).all() for b in detections(task, alone, data))
+    with pytest.raises(ConfigError, match="set method.batch_size=1"):
+        build_method("aphq_vit_mlp", BitWidth(4, 4), mlp_iters=1).quantize(confident_rpn(model), data)
+
+
 @pytest.mark.parametrize("method, options, message", [
     ("qdrop", {}, "set method.batch_size=1 method.search_size=1"),
     ("fima_q", {}, "differentiates a KL of class logits"),

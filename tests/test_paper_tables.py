@@ -188,7 +188,7 @@ def test_method_options_and_budget_apply_per_method(tmp_path):
 def test_experiment_resolves_to_the_tables_grid():
     frame = grid("repqvit_table1")
     assert len(frame) == 7 * 3 * 2 and frame["job"].value_counts().to_dict() == {"run": 35, "resume": 7}
-    runs = {(r.model, r.method, "32/32" if r.method == "fp" else r.bits) for r in frame[frame["job"] == "run"].itertuples()}
+    runs = {(r.model, r.method, "32/32" if r.bits == "-" else r.bits) for r in frame[frame["job"] == "run"].itertuples()}
     assert runs == set(paper.load_spec("repqvit_table1").runnable_cells())
     aiq = grid("aiqvit_table1", ["budget=smoke", "model=deit_tiny"])
     assert set(aiq[aiq["job"] == "skip"][["method", "bits"]].itertuples(index=False)) == {("ptq4vit", "W3A3")}
@@ -196,7 +196,7 @@ def test_experiment_resolves_to_the_tables_grid():
     for name in experiment_names():  # every experiment runs exactly its table's cells
         frame = grid(name)
         jobs = frame[frame["job"].isin(["run", "no model config"])]
-        runs = {(r.model, r.method, "32/32" if r.method == "fp" else r.bits) for r in jobs.itertuples()}
+        runs = {(r.model, r.method, "32/32" if r.bits == "-" else r.bits) for r in jobs.itertuples()}
         assert runs == set(paper.load_spec(name).runnable_cells()), name
 
 
@@ -345,6 +345,33 @@ def test_fimaq_readme_fills_its_cells_and_keeps_a_rank_15_run_apart():
     assert table.loc["Swin-B", "FIMA-Q W3/A3"] == "– (78.82)"
     assert table.loc["DeiT-T", "FIMA-Q W4/A4 [k=15]"] == "67.00"
     assert paper.coverage(spec) == {"cells": 21, "reproducible": 21, "published_only": 0, "with_published_value": 21}
+
+
+def test_aphqvit_readme_fills_the_mlp_recon_column_from_runs_without_bits():
+    """APHQ-ViT's README tables: an aphq_vit_mlp run (no bits, FP) fills its "MLP Recon." cell against the README's
+    value, beside FP and the quantized columns; a run at the 3-bit config's clamp percentile is another protocol; on
+    COCO the run at the detection fork's protocol fills its row."""
+    records = [record("fp", "deit_tiny", None, 72.0), record("aphq_vit_mlp", "deit_tiny", None, 71.0),
+               record("aphq_vit_mlp", "deit_tiny", None, 70.5, options={"mlp_pct": 0.99}),
+               record("aphq_vit", "deit_tiny", (4, 4), 66.0)]
+    spec, cells = cells_of("aphqvit_readme", records)
+    table = paper.wide(spec, cells)
+    assert table.loc["DeiT-T", "MLP Recon."] == "71.00 (71.07, -0.07)"
+    assert table.loc["DeiT-T", "Full-Precision"] == "72.00 (72.21, -0.21)"
+    assert table.loc["DeiT-T", "APHQ-ViT W4/A4"] == "66.00 (66.66, -0.66)"
+    assert table.loc["DeiT-T", "MLP Recon. [mlp_pct=0.99]"] == "70.50"
+    assert paper.coverage(spec) == {"cells": 28, "reproducible": 28, "published_only": 0, "with_published_value": 28}
+    jobs = grid("aphqvit_readme")
+    assert (jobs[jobs["method"] == "aphq_vit_mlp"]["job"].value_counts().to_dict() == {"run": 7, "resume": 7})
+
+    def coco(method: str, ap: float, bits: tuple[int, int] | None, **options: Any) -> dict:
+        rec = record(method, "mask_rcnn_swin_t", bits, 0.0, options=options or None, display="MaskRCNN-Swin-T")
+        return {**rec, "task": "coco", "primary_metric": "bbox_mAP", "metrics": {"bbox_mAP": ap, "segm_mAP": ap - 1}}
+
+    spec, cells = cells_of("aphqvit_readme_coco", [coco("aphq_vit_mlp", 45.0, None, calib_size=256, batch_size=1, mlp_pct=0.999)])
+    box = cells[(cells["column"] == "Mask R-CNN Swin-T") & (cells["metric_label"] == "APbox")]
+    assert dict(zip(box["row"], box["text"]))["MLP Recon."] == "45.00 (45.80, -0.80)"
+    assert paper.coverage(spec)["reproducible"] == 24
 
 
 def test_glfq_table1_runs_fima_q_beside_its_baselines_and_keeps_the_fima_q_framework_qdrop_published_only():

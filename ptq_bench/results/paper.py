@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ptq_bench.errors import ConfigError
+from ptq_bench.methods.base import METHODS
 from ptq_bench.methods.options import method_defaults
 from ptq_bench.paths import conf_path
 from ptq_bench.results.formatting import format_value, text
@@ -88,8 +89,10 @@ class TableSpec:
     notes: str = ""
 
     def has_cell(self, model: str, method: str, bits: str) -> bool:
-        """Whether harness ``model`` × ``method`` × ``bits`` ("W4A4") is a cell of a run row (FP: any bits)."""
-        return any(c == (model, method, FP_BITS if method == "fp" else bits) for c in self.runnable_cells())
+        """Whether harness ``model`` × ``method`` × ``bits`` ("W4A4") is a cell of a run row (a method without bits,
+        such as fp: any bits, in an FP block)."""
+        fp = method in METHODS.names() and not METHODS.get(method).uses_bits
+        return any(c == (model, method, FP_BITS if fp else bits) for c in self.runnable_cells())
 
     def runnable_cells(self) -> list[tuple[str, str, str]]:
         """(harness model, harness method, bits) of every cell a run can fill, in table order, without repeats."""

@@ -36,6 +36,7 @@ METHOD_ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "adalog": ("AdaLog (calibration only)", ("AdaLog",)),  # its README's "Calibrate" column (optimize=true: below)
     "erq": ("ERQ (TPAMI)", ("ERQ (TPAMI 2025)",)),  # the official README's table (the code is the TPAMI extension)
     "aphq_vit": ("APHQ-ViT", ("APHQ-ViT", "GLF-Q (2026 preprint)")),
+    "aphq_vit_mlp": ("APHQ-ViT MLP-Reconstruction only (GELU->ReLU, FP, no quant)", ("APHQ-ViT",)),  # README column
     "qdrop": ("QDrop (reproduced by APHQ authors)", ("APHQ-ViT",)),  # the APHQ-ViT code base's QDrop, as implemented
     "ias_vit": ("I&S-ViT", ("I&S-ViT", "APHQ-ViT", "GLF-Q (2026 preprint)")),
     "fima_q": ("FIMA-Q", ("FIMA-Q",)),  # its official README's results table (the configs' rank k = 5, see its doc)
