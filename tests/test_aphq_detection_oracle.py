@@ -240,41 +240,47 @@ def calibrated_from_fork_mlps(arrays: dict[str, np.ndarray], meta: dict, tmp_pat
     return model, method, data
 
 
-def compare_calibration(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> tuple[int, int, float]:
-    """Every ``calib/`` array against our model: (arrays compared, bit for bit, largest relative difference of a
-    scale, LayerNorm or bias); every zero point must be equal."""
+def fork_calibration(model: torch.nn.Module, arrays: dict[str, np.ndarray]):
+    """The fork's ``calib/`` arrays matched to our model: (key, our scale or zero point, the fork's array) per
+    quantizer array, and the fork's folded LayerNorms and quantized layers' biases under our names and channel orders."""
     from ptq_bench.models import named_quantizers
     from tasks.coco import convert_mmdet2_swin
 
     quantizers = dict(named_quantizers(model))
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    equal, compared, worst = 0, 0, 0.0
-    fork_params = {}
+    grids, params = [], {}
     for key, want in arrays.items():
         if not key.startswith("calib/"):
             continue
         module, what = key[len("calib/"):].rsplit("/", 1)
         if what in ("weight", "bias"):
-            fork_params[f"{module}.{what}"] = torch.from_numpy(want.copy())
+            params[f"{module}.{what}"] = torch.from_numpy(want.copy())
             continue
         kind, field = what.split("_")
         quantizer = quantizers[f"{ours_name(module)}.{QUANTIZER[kind]}"]
-        got = (quantizer.scale if field == "scale" else quantizer.zero_point).detach().reshape(-1).numpy()
-        want = want.reshape(-1)
-        compared += 1
-        if field == "zp":
+        grids.append((key, quantizer.scale if field == "scale" else quantizer.zero_point, want))
+    reductions = {k: v for k, v in params.items() if k.endswith("reduction.bias")}  # 1-D: no channel order
+    converted = convert_mmdet2_swin({k: v for k, v in params.items() if k not in reductions})
+    converted |= {k.replace("backbone.layers.", "backbone.stages."): v for k, v in reductions.items()}
+    return grids, converted
+
+
+def compare_calibration(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> tuple[int, int, float]:
+    """Every ``calib/`` array against our model: (arrays compared, bit for bit, largest relative difference of a
+    scale, LayerNorm or bias); every zero point must be equal."""
+    grids, params = fork_calibration(model, arrays)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    equal, worst = 0, 0.0
+    for key, ours, want in grids:
+        got, want = ours.detach().reshape(-1).numpy(), want.reshape(-1)
+        if key.endswith("_zp"):
             assert np.array_equal(got, want), key
         else:
             worst = max(worst, relative(got, want))
         equal += bool(np.array_equal(got, want))
-    reductions = {k: v for k, v in fork_params.items() if k.endswith("reduction.bias")}  # 1-D: no channel order
-    converted = convert_mmdet2_swin({k: v for k, v in fork_params.items() if k not in reductions})
-    converted |= {k.replace("backbone.layers.", "backbone.stages."): v for k, v in reductions.items()}
-    for key, want in converted.items():
-        compared += 1
+    for key, want in params.items():
         equal += bool(torch.equal(state[key], want))
         worst = max(worst, relative(state[key].numpy(), want.numpy()))
-    return compared, equal, worst
+    return len(grids) + len(params), equal, worst
 
 
 def test_calibration_search_matches_the_fork(fixture, tmp_path) -> None:
@@ -300,12 +306,25 @@ def torch_clamp_gradients(quantizers):
             q.literal_gradient, q.inclusive_clamp = literal, inclusive
 
 
+def step_errors(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """The largest relative difference of each learned step (``recon/<module>/<a|A|B>_scale``) from the fork's."""
+    from ptq_bench.models import named_quantizers
+
+    quantizers = dict(named_quantizers(model))
+    errors = {}
+    for key in arrays:
+        if key.startswith("recon/") and key.endswith("_scale"):
+            module, what = key[len("recon/"):].rsplit("/", 1)
+            got = quantizers[f"{ours_name(module)}.{QUANTIZER[what[0]]}"].scale.detach().reshape(-1).numpy()
+            errors[key] = relative(got, arrays[key].reshape(-1))
+    return errors
+
+
 def assert_reconstruction_matches(model: torch.nn.Module, arrays: dict[str, np.ndarray], step_tolerance: float = 1e-4) -> None:
     """Every rounded weight code of every unit equal to the fork's; every learned step within ``step_tolerance``."""
-    from ptq_bench.models import named_quantizers
     from tasks.coco import convert_mmdet2_swin
 
-    modules, quantizers = dict(model.named_modules()), dict(named_quantizers(model))
+    modules = dict(model.named_modules())
     codes = {key[len("recon/"):-len("/codes")] + ".weight": torch.from_numpy(v.astype(np.float32))
              for key, v in arrays.items() if key.startswith("recon/") and key.endswith("/codes")}
     total = 0
@@ -315,12 +334,10 @@ def assert_reconstruction_matches(model: torch.nn.Module, arrays: dict[str, np.n
         assert torch.equal(got, want), f"{key}: {(got != want).sum().item()} codes differ"
         total += want.numel()
     assert total == 152832
-    steps = [key for key in arrays if key.startswith("recon/") and key.endswith("_scale")]
+    steps = step_errors(model, arrays)
     assert len(steps) == 75
-    for key in steps:
-        module, what = key[len("recon/"):].rsplit("/", 1)
-        got = quantizers[f"{ours_name(module)}.{QUANTIZER[what[0]]}"].scale.detach().reshape(-1).numpy()
-        assert relative(got, arrays[key].reshape(-1)) < step_tolerance, key
+    for key, error in steps.items():
+        assert error < step_tolerance, (key, error)
 
 
 def test_block_reconstruction_matches_the_fork_given_its_hessians(fixture, tmp_path, monkeypatch) -> None:
@@ -382,29 +399,13 @@ def test_qdrop_on_the_detector_matches_the_fork(fixture, tmp_path, monkeypatch) 
 
 def load_fork_calibration(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
     """Every ``calib/`` array of the fork into our model: the quantizers' scales and zero points, the folded
-    LayerNorms and the quantized layers' biases (mmdet-2 names and channel orders converted)."""
-    from ptq_bench.models import named_quantizers
-    from tasks.coco import convert_mmdet2_swin
-
-    quantizers = dict(named_quantizers(model))
-    params = {}
+    LayerNorms and the quantized layers' biases (:func:`fork_calibration`)."""
+    grids, params = fork_calibration(model, arrays)
+    state = model.state_dict()
     with torch.no_grad():
-        for key, want in arrays.items():
-            if not key.startswith("calib/"):
-                continue
-            module, what = key[len("calib/"):].rsplit("/", 1)
-            if what in ("weight", "bias"):
-                params[f"{module}.{what}"] = torch.from_numpy(want.copy())
-                continue
-            kind, field = what.split("_")
-            quantizer = quantizers[f"{ours_name(module)}.{QUANTIZER[kind]}"]
-            target = quantizer.scale if field == "scale" else quantizer.zero_point
-            target.copy_(torch.from_numpy(want.copy()).reshape(target.shape))
-        reductions = {k: v for k, v in params.items() if k.endswith("reduction.bias")}  # 1-D: no channel order
-        converted = convert_mmdet2_swin({k: v for k, v in params.items() if k not in reductions})
-        converted |= {k.replace("backbone.layers.", "backbone.stages."): v for k, v in reductions.items()}
-        state = model.state_dict()
-        for key, value in converted.items():
+        for _, ours, want in grids:
+            ours.copy_(torch.from_numpy(want.copy()).reshape(ours.shape))
+        for key, value in params.items():
             state[key].copy_(value.reshape(state[key].shape))
 
 
@@ -423,7 +424,6 @@ def test_qdrop_on_padded_windows_matches_the_fork(fixture, tmp_path, monkeypatch
     import ptq_bench.methods.aphq_vit_calibration as calibration
     import ptq_bench.methods.aphq_vit_detection as det
     from ptq_bench.methods import BitWidth, build_method
-    from ptq_bench.models import named_quantizers
 
     aphq, aphq_meta = fixture
     arrays, meta = load_fixture("aphq_det_pipeline_qdrop_padded_w4a4.npz")
@@ -454,20 +454,15 @@ def test_qdrop_on_padded_windows_matches_the_fork(fixture, tmp_path, monkeypatch
         return model, method
 
     model, method = calibrated()
-    quantizers = dict(named_quantizers(model))
-    compared, equal, off = 0, 0, []
-    for key, want in arrays.items():
-        if not key.startswith("calib/") or key.rsplit("/", 1)[1] in ("weight", "bias"):
-            continue
-        module, what = key[len("calib/"):].rsplit("/", 1)
-        quantizer = quantizers[f"{ours_name(module)}.{QUANTIZER[what[0]]}"]
-        got = (quantizer.scale if what.endswith("scale") else quantizer.zero_point).detach().reshape(-1).numpy()
-        want = want.reshape(-1)
-        compared += 1
+    grids, _ = fork_calibration(model, arrays)
+    equal, off = 0, []
+    for key, ours, want in grids:
+        got, want = ours.detach().reshape(-1).numpy(), want.reshape(-1)
         equal += bool(np.array_equal(got, want))
-        if what.endswith("zp"):
+        if key.endswith("_zp"):
             assert np.array_equal(got, want), key
         off += [(key, int(i)) for i in np.nonzero(np.abs(got - want) > 1e-4 * np.abs(want))[0]]
+    compared = len(grids)
     assert compared == 286 and equal >= 200 and len(off) <= 1, (compared, equal, off)  # made: 224 equal
     folded = {k: v for k, v in arrays.items() if k.startswith("calib/") and k.rsplit("/", 1)[1] in ("weight", "bias")}
     compared, equal, worst = compare_calibration(model, folded)  # LayerNorms and biases
@@ -475,7 +470,7 @@ def test_qdrop_on_padded_windows_matches_the_fork(fixture, tmp_path, monkeypatch
     for key, row in off:  # the near tie: with the fork's input, the fork's grid
         module = key[len("calib/"):].rsplit("/", 1)[0]
         tied, _ = calibrated(fork_input_of=module)
-        got = dict(named_quantizers(tied))[f"{ours_name(module)}.weight_quantizer"].scale.detach().reshape(-1).numpy()
+        got = {k: ours for k, ours, _ in fork_calibration(tied, arrays)[0]}[key].detach().reshape(-1).numpy()
         assert key.endswith("w_scale") and np.array_equal(got, arrays[key].reshape(-1)), (key, row)
 
     load_fork_calibration(model, arrays)
@@ -515,11 +510,5 @@ def test_qdrop_default_gradients_match_the_fork_under_torch_2_13_clamp(fixture, 
     det.reconstruct_detector_(model, fp, data, training, meta["drop_prob"], False,
                               torch.Generator().manual_seed(meta["seed"]), "qdrop")
     assert_reconstruction_matches(model, arrays, step_tolerance=2e-3)
-    from ptq_bench.models import named_quantizers
-
-    quantizers = dict(named_quantizers(model))
-    steps = {key: relative(quantizers[f"{ours_name(key[len('recon/'):].rsplit('/', 1)[0])}.{QUANTIZER[key.rsplit('/', 1)[1][0]]}"]
-                           .scale.detach().reshape(-1).numpy(), arrays[key].reshape(-1))
-             for key in arrays if key.startswith("recon/") and key.endswith("_scale")}
-    loose = [key for key, error in steps.items() if error > 1e-4]
-    assert len(steps) == 75 and len(loose) <= 3 and all(key.endswith("matmul2/A_scale") for key in loose), loose
+    loose = [key for key, error in step_errors(model, arrays).items() if error > 1e-4]
+    assert len(loose) <= 3 and all(key.endswith("matmul2/A_scale") for key in loose), loose
