@@ -370,17 +370,11 @@ def test_block_reconstruction_matches_the_fork_given_its_hessians(fixture, tmp_p
     assert_reconstruction_matches(model, arrays)
 
 
-def test_qdrop_on_the_detector_matches_the_fork(fixture, tmp_path, monkeypatch) -> None:
-    """QDrop (the fork's pipeline with optim_metric mse and no MLP reconstruction: GELU FFNs, plain FP targets):
-    calibration search and block reconstruction from the same tiny detector and images
-    (aphq_det_pipeline_qdrop_w4a4.npz; its weights are the APHQ-ViT fixture's, same seed)."""
-    import ptq_bench.methods.aphq_vit_detection as det
+def qdrop_on_fork_weights(aphq: dict[str, np.ndarray], meta: dict, tmp_path: Path):
+    """Our QDrop (the bundle's ``meta`` options) calibrated on the first image, on the APHQ fixture's tiny detector:
+    (model, an FP copy, the method, the data)."""
     from ptq_bench.methods import BitWidth, build_method
 
-    aphq, aphq_meta = fixture
-    arrays, meta = load_fixture("aphq_det_pipeline_qdrop_w4a4.npz")
-    assert meta["oracle"].startswith("oracles/aphq_detection_pipeline.py") and "--optim-metric mse" in meta["oracle"]
-    assert meta["stages"] == ["calib", "recon"] and (meta["seed"], meta["tiny"]) == (aphq_meta["seed"], aphq_meta["tiny"])
     state = {k: v for k, v in aphq.items() if k.startswith("state/")}
     model, fp = fork_model(state, tmp_path), fork_model(state, tmp_path)
     data = calibration_data(oracle_images(meta))
@@ -388,6 +382,20 @@ def test_qdrop_on_the_detector_matches_the_fork(fixture, tmp_path, monkeypatch) 
                           drop_prob=meta["drop_prob"])
     method.detector = True
     method.calibrate_(model, dataclasses.replace(data, samples=data.samples[:1]))
+    return model, fp, method, data
+
+
+def test_qdrop_on_the_detector_matches_the_fork(fixture, tmp_path, monkeypatch) -> None:
+    """QDrop (the fork's pipeline with optim_metric mse and no MLP reconstruction: GELU FFNs, plain FP targets):
+    calibration search and block reconstruction from the same tiny detector and images
+    (aphq_det_pipeline_qdrop_w4a4.npz; its weights are the APHQ-ViT fixture's, same seed)."""
+    import ptq_bench.methods.aphq_vit_detection as det
+
+    aphq, aphq_meta = fixture
+    arrays, meta = load_fixture("aphq_det_pipeline_qdrop_w4a4.npz")
+    assert meta["oracle"].startswith("oracles/aphq_detection_pipeline.py") and "--optim-metric mse" in meta["oracle"]
+    assert meta["stages"] == ["calib", "recon"] and (meta["seed"], meta["tiny"]) == (aphq_meta["seed"], aphq_meta["tiny"])
+    model, fp, method, data = qdrop_on_fork_weights(aphq, meta, tmp_path)
     compared, equal, worst = compare_calibration(model, arrays)
     assert compared == 390 and worst < 1e-4 and equal >= 250, (compared, equal, worst)  # made: 288 equal, 3.4e-5
     monkeypatch.setattr(det, "official_gradients", torch_clamp_gradients)
@@ -492,19 +500,12 @@ def test_qdrop_default_gradients_match_the_fork_under_torch_2_13_clamp(fixture, 
     gradient of each such element is the float residue 15 - 1/(1/15), so their sum's sign is rounding noise and
     Adam moves the step by about lr_act (4e-5, 6e-4 of 1/15) either way; torch 2.14's gradient is 0 there."""
     import ptq_bench.methods.aphq_vit_detection as det
-    from ptq_bench.methods import BitWidth, build_method
 
     aphq, aphq_meta = fixture
     calibrated, _ = load_fixture("aphq_det_pipeline_qdrop_w4a4.npz")
     arrays, meta = load_fixture("aphq_det_pipeline_qdrop_inclusive_w4a4.npz")
     assert meta["oracle"].endswith("--clamp-inclusive") and meta["sizes"] == aphq_meta["sizes"]
-    state = {k: v for k, v in aphq.items() if k.startswith("state/")}
-    model, fp = fork_model(state, tmp_path), fork_model(state, tmp_path)
-    data = calibration_data(oracle_images(meta))
-    method = build_method("qdrop", BitWidth(4, 4), batch_size=1, search_size=1, iters=meta["recon_iters"],
-                          drop_prob=meta["drop_prob"])
-    method.detector = True
-    method.calibrate_(model, dataclasses.replace(data, samples=data.samples[:1]))
+    model, fp, method, data = qdrop_on_fork_weights(aphq, meta, tmp_path)
     load_fork_calibration(model, calibrated)
     training = dataclasses.replace(method.unit_training(), in_order=True)
     det.reconstruct_detector_(model, fp, data, training, meta["drop_prob"], False,
