@@ -377,14 +377,25 @@ def reexec_under_det2() -> None:
     raise SystemExit(f"mmcv 1.x is needed: set up {DET2_PYTHON} (oracles/README.md)")
 
 
+def image_sizes(text: str) -> list[tuple[int, int]]:
+    """``HxW,HxW,...`` as a list of (H, W)."""
+    return [tuple(int(v) for v in hw.split("x")) for hw in text.split(",")]
+
+
+def write_bundle(out: Path, bundle: dict) -> None:
+    import numpy as np
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **bundle)
+    print(f"wrote {out}: {len(bundle) - 1} arrays")
+
+
 def main() -> None:
     reexec_under_det2()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--state", type=Path, help="also save the tiny detector's mmdet-2 state dict (a checkpoint) here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in hw.split("x")) for hw in s.split(",")],
-                   default=[(64, 64), (64, 128)], help="HxW,HxW,... (multiples of 32)")
+    p.add_argument("--sizes", type=image_sizes, default=[(64, 64), (64, 128)], help="HxW,HxW,... (multiples of 32)")
     p.add_argument("--stages", type=lambda s: s.split(","), default=["mlp", "calib", "recon"])
     p.add_argument("--mlp-iters", type=int, default=4)
     p.add_argument("--optim-metric", default="hessian_perturb", choices=["hessian_perturb", "mse"],
@@ -403,11 +414,7 @@ def main() -> None:
     p.add_argument("--memory-mib", type=float, default=256)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    import numpy as np
-    bundle = run(a)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(a.out, **bundle)
-    print(f"wrote {a.out}: {len(bundle) - 1} arrays")
+    write_bundle(a.out, run(a))
 
 
 if __name__ == "__main__":

@@ -135,17 +135,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in hw.split("x")) for hw in s.split(",")],
-                   default=[(96, 160), (64, 96)], help="HxW,... (multiples of 32; the first is the calibration image)")
+    p.add_argument("--sizes", type=A.image_sizes, default=[(96, 160), (64, 96)], help="HxW,... (multiples of 32; the first is the calibration image)")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    import numpy as np
-    bundle = run(a)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(a.out, **bundle)
-    print(f"wrote {a.out}: {len(bundle) - 1} arrays")
+    A.write_bundle(a.out, run(a))
 
 
 if __name__ == "__main__":
