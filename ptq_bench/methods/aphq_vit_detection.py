@@ -35,7 +35,6 @@ The fork differs from the classification code in every stage; what is followed h
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,7 +49,7 @@ from ptq_bench.quant.uniform import UniformQuantizer
 from ptq_bench.transforms.aph_detection import EPSILON, hessian_loss, perturbation_hessians, rpn_targets
 from ptq_bench.transforms.block_capture import BlockInputs
 from ptq_bench.transforms.detector_units import UnitCalls, capture_unit_calls, mixed_unit_input, run_unit
-from ptq_bench.transforms.qdrop import mask_like, skip_loader_seeds
+from ptq_bench.transforms.qdrop import MaskDraw, dropping_activations, mask_like, skip_loader_seeds
 from ptq_bench.transforms.reconstruction import ReconStep, frozen_parameters, reconstruct_block
 from ptq_bench.transforms.unit_training import UnitTraining, official_gradients, train_unit
 
@@ -188,29 +187,21 @@ def _counter(calls: UnitCalls) -> BlockInputs:
 # ------------------------------------------------------------------------------------------------ block reconstruction
 
 
-@contextmanager
-def _fork_dropping(unit: nn.Module, quantizers: list[UniformQuantizer], prob: float, generator: torch.Generator):
-    """``dropping_activations`` with the masks laid out as the fork draws them (``rand_like`` of the tensor its
-    quantizer sees; a window attention's qkv input is the fork's padded, rolled windows already): a patch merging's
-    reduction input over the fork's channel order (x0, x1, x2, x3 concatenated), put in ours (nn.Unfold's)."""
+def _fork_masks(unit: nn.Module) -> MaskDraw:
+    """The QDrop masks laid out as the fork draws them (``rand_like`` of the tensor its quantizer sees; a window
+    attention's qkv input is the fork's padded, rolled windows already): a patch merging's reduction input over the
+    fork's channel order (x0, x1, x2, x3 concatenated), put in ours (nn.Unfold's)."""
     merging = {id(module.reduction.input_quantizer) for module in unit.modules()
                if isinstance(module, _mmdet_types()[2]) and getattr(module.reduction, "input_quantizer", None) is not None}
 
-    def drop(quantizer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+    def draw(quantizer: nn.Module, x: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
         if id(quantizer) not in merging:
-            return torch.where(mask_like(x, prob, generator), output, x)
+            return mask_like(x, prob, generator)
         draws = torch.empty_like(x).uniform_(generator=generator)  # the fork's concat order, put in nn.Unfold's
         lead, channels = x.shape[:-1], x.shape[-1] // 4
-        keep = draws.view(*lead, 4, channels)[..., [0, 2, 1, 3], :].transpose(-1, -2).reshape(x.shape) < prob
-        return torch.where(keep, output, x)
+        return draws.view(*lead, 4, channels)[..., [0, 2, 1, 3], :].transpose(-1, -2).reshape(x.shape) < prob
 
-    handles = [q.register_forward_hook(drop) for q in quantizers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return draw
 
 
 def has_quantized_layers(module: nn.Module) -> bool:
@@ -276,4 +267,5 @@ def _train_unit(unit: nn.Module, fp_calls: UnitCalls, q_inputs: list[Any], hessi
     counter = _counter(fp_calls)
     with official_gradients(activations):
         return train_unit(unit, counter, counter, normalized, activations, training, masks, desc, progress,
-                          during=_fork_dropping(unit, _linear_inputs(unit, activations), drop_prob, masks))
+                          during=dropping_activations(_linear_inputs(unit, activations), drop_prob, masks,
+                                                     _fork_masks(unit)))

@@ -10,7 +10,7 @@ the official code draws them from the global one (the block input first, then th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -30,13 +30,21 @@ def mixed_inputs(quantized: torch.Tensor, fp: torch.Tensor, prob: float, generat
     return torch.where(mask_like(quantized, prob, generator), quantized, fp)
 
 
-@contextmanager
-def dropping_activations(quantizers: Sequence[Quantizer], prob: float, generator: torch.Generator) -> Iterator[None]:
-    """Inside the context each quantizer's output is, per element, itself with probability ``prob``, else its input
-    (a forward hook; the quantized value keeps its straight-through gradient)."""
+#: draws the mask of one quantizer's input: ``(quantizer, x, prob, generator) -> keep``
+MaskDraw = Callable[[nn.Module, torch.Tensor, float, torch.Generator], torch.Tensor]
 
-    def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask_like(args[0], prob, generator), output, args[0])  # the input's layout, as rand_like(x)
+
+@contextmanager
+def dropping_activations(quantizers: Sequence[Quantizer], prob: float, generator: torch.Generator,
+                         draw: MaskDraw | None = None) -> Iterator[None]:
+    """Inside the context each quantizer's output is, per element, itself with probability ``prob``, else its input
+    (a forward hook; the quantized value keeps its straight-through gradient). The mask is ``mask_like`` of the
+    input (its layout, as ``rand_like(x)``) unless ``draw`` lays a quantizer's draws out otherwise."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        keep = draw(module, x, prob, generator) if draw is not None else mask_like(x, prob, generator)
+        return torch.where(keep, output, x)
 
     handles = [q.register_forward_hook(hook) for q in quantizers]
     try:
