@@ -37,13 +37,13 @@ def calibrated(tmp_path_factory):
     data = T.calibration_data(T.oracle_images(meta))
     model = build_method("repq_vit", BitWidth(4, 4)).quantize(model, data.__class__(
         data.samples[:1], data.forward, collate=data.collate, identity=data.identity, uniform_shapes=False))
-    return model, arrays
+    return model, arrays, data
 
 
 def test_folded_weights_match_the_fork(calibrated) -> None:
     from tasks.coco import convert_mmdet2_swin
 
-    model, arrays = calibrated
+    model, arrays, _ = calibrated
     fold = {k[len("fold/"):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("fold/")}
     # the fork gives reduction a bias (mmdet's converter knows only its weight; a bias is not permuted)
     biases = {k.replace("backbone.layers.", "backbone.stages."): v for k, v in fold.items() if k.endswith("reduction.bias")}
@@ -61,7 +61,7 @@ def test_every_quantizer_matches_the_fork(calibrated) -> None:
     windows included): every zero point equal, every delta within 1e-5 relative (made: 235 bit for bit, 1.0e-6)."""
     from ptq_bench.models import named_quantizers
 
-    model, arrays = calibrated
+    model, arrays, _ = calibrated
     ours = dict(named_quantizers(model))
     compared, equal, worst = 0, 0, 0.0
     for key, want in arrays.items():
@@ -85,10 +85,7 @@ def test_quantized_backbone_features_match_the_fork(calibrated) -> None:
     """The quantized backbone's four feature maps on both images (the second one not calibrated on) against the fork's
     (made: stage 0 bit for bit, the others within 5.8e-7 relative: the float order of the two Swins, no grid step
     apart)."""
-    model, arrays = calibrated
-    meta = json.loads(str(np.load(FIXTURE)["meta"]))
-    meta["sizes"] = [tuple(int(v) for v in s.split("x")) for s in meta["sizes"].split(",")]
-    data = T.calibration_data(T.oracle_images(meta))
+    model, arrays, data = calibrated
     errors = []
     with torch.no_grad():
         for i in range(len(data)):
