@@ -83,7 +83,7 @@ def grid(name: str, overrides: list[str] = ()) -> pd.DataFrame:  # type: ignore[
     if other:
         raise ConfigError(f"the grid lists sweeps over {', '.join(AXES)} only, not {', '.join(sorted(other))}")
     spec = _spec(cfg)
-    rows, fp_seen = [], set()
+    rows, bitless_seen = [], set()
     uses_bits = {method: METHODS.get(method).uses_bits for method in axes["method"]}  # runs without bits: once per model
     for model, method, bits in itertools.product(axes["model"], axes["method"], axes["bits"]):
         label = bits.upper()
@@ -91,11 +91,11 @@ def grid(name: str, overrides: list[str] = ()) -> pd.DataFrame:  # type: ignore[
             action = "skip"
         elif not model_available(model):
             action = "no model config"
-        elif not uses_bits[method] and (model, method) in fp_seen:
+        elif not uses_bits[method] and (model, method) in bitless_seen:
             action = "resume"
         else:
             action = "run"
-        fp_seen.add((model, method)) if not uses_bits[method] else None
+        bitless_seen.add((model, method)) if not uses_bits[method] else None
         rows.append({"model": model, "method": method, "bits": label if uses_bits[method] else "-", "job": action,
                      **_protocol(cfg, method)})
     return pd.DataFrame(rows)
