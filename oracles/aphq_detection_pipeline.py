@@ -192,6 +192,27 @@ def detections(model, batches) -> list:
     return out
 
 
+def detector_outputs(model, xs, batches, prefix: str) -> dict:
+    """Each image's ``<prefix>/backbone/<i>/<level>``, ``<prefix>/proposals/<i>`` (x1, y1, x2, y2, score),
+    ``<prefix>/roi_cls/<i>`` and ``<prefix>/roi_reg/<i>`` (the box head on those proposals) and ``<prefix>/dets/<i>``."""
+    import torch
+    from mmdet.core import bbox2roi
+    out = {}
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            feats = model.backbone(x)
+            for k, f in enumerate(feats):
+                out[f"{prefix}/backbone/{i}/{k}"] = f
+            neck = model.neck(feats)
+            proposals = model.rpn_head.simple_test_rpn(neck, batches[i]["img_metas"].data[0])
+            out[f"{prefix}/proposals/{i}"] = proposals[0]
+            roi = model.roi_head._bbox_forward(neck, bbox2roi([p[:, :4] for p in proposals]))
+            out[f"{prefix}/roi_cls/{i}"], out[f"{prefix}/roi_reg/{i}"] = roi["cls_score"], roi["bbox_pred"]
+    for i, d in enumerate(detections(model, batches)):
+        out[f"{prefix}/dets/{i}"] = d
+    return out
+
+
 def quantizer_arrays(model, prefix: str, weights: bool) -> dict:
     import torch
     out = {}
@@ -235,20 +256,7 @@ def run(a: argparse.Namespace) -> dict:
     out: dict = {f"state/{k}": v for k, v in model.state_dict().items()}
     import hashlib
     images_sha256 = hashlib.sha256(b"".join(x.numpy().tobytes() for x in xs)).hexdigest()
-    with torch.no_grad():
-        for i, x in enumerate(xs):
-            feats = model.backbone(x)
-            for k, f in enumerate(feats):
-                out[f"fp/backbone/{i}/{k}"] = f
-            neck = model.neck(feats)
-            metas = batches[i]["img_metas"].data[0]
-            proposals = model.rpn_head.simple_test_rpn(neck, metas)
-            out[f"fp/proposals/{i}"] = proposals[0]
-            from mmdet.core import bbox2roi
-            roi = model.roi_head._bbox_forward(neck, bbox2roi([p[:, :4] for p in proposals]))
-            out[f"fp/roi_cls/{i}"], out[f"fp/roi_reg/{i}"] = roi["cls_score"], roi["bbox_pred"]
-    for i, d in enumerate(detections(model, batches)):
-        out[f"fp/dets/{i}"] = d
+    out.update(detector_outputs(model, xs, batches, "fp"))
 
     full_model = copy.deepcopy(model).eval()
     if "mlp" in a.stages:

@@ -9,9 +9,11 @@ True}`` / ``{'n_bits': a, 'channel_wise': False}``, ``set_quant_state(.., True, 
 the FIRST image, the scale reparameterization over ``backbone.layers`` (norm1 -> attn.qkv, norm2 -> mlp.fc1,
 downsample.norm -> reduction), then a re-calibration forward of the same image. test.py writes the
 reparameterization as an inline loop in ``main``; ``reparameterize`` re-expresses that loop only (nothing else of
-the fork is restated). Bundle: ``state/*`` (the FP mmdet-2 weights), ``fp/*`` and ``q/*`` backbone features of
-every image, every quantizer's ``delta``/``zero_point`` after calibration (``calib/*``) and after re-calibration
-(``quant/*``), the folded LayerNorm weights/biases and the changed next-layer weights/biases (``fold/*``).
+the fork is restated). Bundle: ``state/*`` (the FP mmdet-2 weights); ``fp/*`` and ``q/*``, the FP and the quantized
+detector's outputs on every image (``aphq_detection_pipeline.detector_outputs``: backbone features, RPN proposals,
+the box head on them, the detections); every quantizer's ``delta``/``zero_point`` after calibration (``calib/*``)
+and after re-calibration (``quant/*``); the folded LayerNorm weights/biases and the changed next-layer
+weights/biases (``fold/*``).
 """
 from __future__ import annotations
 
@@ -88,16 +90,6 @@ def reparameterize(model) -> dict:
     return out
 
 
-def features(model, xs, prefix: str) -> dict:
-    import torch
-    out = {}
-    with torch.no_grad():
-        for i, x in enumerate(xs):
-            for j, f in enumerate(model.backbone(x)):
-                out[f"{prefix}/{i}/{j}"] = f.numpy()
-    return out
-
-
 def run(a: argparse.Namespace) -> dict:
     import numpy as np
     import torch
@@ -106,7 +98,7 @@ def run(a: argparse.Namespace) -> dict:
     model = A.build_model(a.seed)
     xs, batches = A.images(a.seed, a.sizes)
     out: dict = {f"state/{k}": v.numpy() for k, v in model.state_dict().items()}
-    out.update(features(model, xs, "fp"))
+    out.update(A.detector_outputs(model, xs, batches, "fp"))
     q = quant_model(model, input_quant_params={"n_bits": a.a_bits, "channel_wise": False},
                     weight_quant_params={"n_bits": a.w_bits, "channel_wise": True}).eval()
     calib = batches[0]
@@ -120,7 +112,7 @@ def run(a: argparse.Namespace) -> dict:
     with torch.no_grad():
         q(img=calib["img"].data, img_metas=calib["img_metas"].data, return_loss=False, rescale=True)
     out.update(quantizers(q, "quant"))
-    out.update(features(q, xs, "q"))
+    out.update(A.detector_outputs(q, xs, batches, "q"))
     sizes = ",".join(f"{h}x{w}" for h, w in a.sizes)
     meta = {"source": "zkkli/RepQ-ViT detection/tools/test.py", "w_bits": a.w_bits, "a_bits": a.a_bits,
             "seed": a.seed, "sizes": sizes,
