@@ -4,16 +4,16 @@ The fork (a vendored mmdet 2.11, Swin-Transformer-Object-Detection) runs under `
 oracles/aphq_detection_pipeline.py does (its setup, tiny config, seeded images and re-exec are imported from there;
 the tiny config is built from the RepQ fork's own ``configs/swin/mask_rcnn_swin_tiny_..._1x_coco.py``).
 
-The steps are tools/test.py's (lines ~195-270) as run: ``quant.quant_model`` with ``{'n_bits': w, 'channel_wise':
-True}`` / ``{'n_bits': a, 'channel_wise': False}``, ``set_quant_state(.., True, True)``, one calibration forward of
-the FIRST image, the scale reparameterization over ``backbone.layers`` (norm1 -> attn.qkv, norm2 -> mlp.fc1,
-downsample.norm -> reduction), then a re-calibration forward of the same image. test.py writes the
-reparameterization as an inline loop in ``main``; ``reparameterize`` re-expresses that loop only (nothing else of
-the fork is restated). Bundle: ``state/*`` (the FP mmdet-2 weights); ``fp/*`` and ``q/*``, the FP and the quantized
-detector's outputs on every image (``aphq_detection_pipeline.detector_outputs``: backbone features, RPN proposals,
-the box head on them, the detections); every quantizer's ``delta``/``zero_point`` after calibration (``calib/*``)
-and after re-calibration (``quant/*``); the folded LayerNorm weights/biases and the changed next-layer
-weights/biases (``fold/*``).
+It runs tools/test.py's ``main`` itself (``run``: only its I/O is patched, nothing of the fork is restated):
+``quant.quant_model`` with ``{'n_bits': w, 'channel_wise': True}`` / ``{'n_bits': a, 'channel_wise': False}``,
+``set_quant_state(.., True, True)``, one calibration forward of the FIRST image, its inline scale reparameterization
+over ``backbone.layers`` (norm1 -> attn.qkv, norm2 -> mlp.fc1, downsample.norm -> reduction), then a re-calibration
+forward of the same image and ``single_gpu_test`` over every image.
+
+Bundle: ``state/*`` (the FP mmdet-2 weights); ``fp/*`` and ``q/*``, the FP and the quantized detector's outputs on
+every image (``aphq_detection_pipeline.detector_outputs``: backbone features, RPN proposals, the box head on them,
+the detections); every quantizer's ``delta``/``zero_point`` after calibration (``calib/*``) and after re-calibration
+(``quant/*``); the folded LayerNorm weights/biases and the changed next-layer weights/biases (``fold/*``).
 """
 from __future__ import annotations
 
@@ -55,64 +55,88 @@ def quantizers(model, prefix: str) -> dict:
     return out
 
 
-def reparameterize(model) -> dict:
-    """tools/test.py's inline scale reparameterization loop, re-expressed (the fork has it in ``main`` only)."""
-    import torch
-    from torch.nn import Parameter
+def folded(model) -> dict:
+    """The LayerNorms that tools/test.py's scale reparameterization rewrites and their next layers' weights and biases
+    (norm1 -> attn.qkv, norm2 -> mlp.fc1, downsample.norm -> reduction), in the order its loop visits them."""
     out = {}
     for name, module in model.backbone.layers.named_modules():
-        if not ("norm1" in name or "norm2" in name or "norm" in name):
+        if "norm" not in name:
             continue
-        father = model.backbone.layers.get_submodule(name[:name.rfind(".")])
-        nxt = father.attn.qkv if "norm1" in name else father.mlp.fc1 if "norm2" in name else father.reduction
-        delta = nxt.input_quantizer.delta.reshape(-1)
-        zp = nxt.input_quantizer.zero_point.reshape(-1)
-        t_delta, t_zp = torch.mean(delta), torch.mean(zp)
-        r = delta / t_delta
-        b = (-zp * delta) / r - (-t_zp * t_delta)
-        module.weight.data = module.weight.data / r
-        module.bias.data = module.bias.data / r - b
-        nxt.weight.data = nxt.weight.data * r
-        if nxt.bias is not None:
-            nxt.bias.data = nxt.bias.data + torch.mm(nxt.weight.data, b.reshape(-1, 1)).reshape(-1)
-        else:
-            nxt.bias = Parameter(torch.Tensor(nxt.out_features))
-            nxt.bias.data = torch.mm(nxt.weight.data, b.reshape(-1, 1)).reshape(-1)
-        nxt.input_quantizer.channel_wise = False
-        nxt.input_quantizer.delta = t_delta
-        nxt.input_quantizer.zero_point = t_zp
-        nxt.weight_quantizer.inited = False
-        nxt_name = name[:name.rfind(".")] + (".attn.qkv" if "norm1" in name else ".mlp.fc1" if "norm2" in name
-                                             else ".reduction")
+        father = name[:name.rfind(".")]
+        nxt = father + (".attn.qkv" if "norm1" in name else ".mlp.fc1" if "norm2" in name else ".reduction")
+        layer = model.backbone.layers.get_submodule(nxt)
         for k, v in ((f"{name}.weight", module.weight), (f"{name}.bias", module.bias),
-                     (f"{nxt_name}.weight", nxt.weight), (f"{nxt_name}.bias", nxt.bias)):
+                     (f"{nxt}.weight", layer.weight), (f"{nxt}.bias", layer.bias)):
             out[f"fold/backbone.layers.{k}"] = v.detach().numpy().copy()
     return out
 
 
+def fork_test_module():
+    """tools/test.py loaded under its own name (``test`` would be the standard library's package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("repq_detection_test", FORK / "tools" / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(a: argparse.Namespace) -> dict:
+    """tools/test.py's ``main`` as written, its I/O patched: the tiny seeded detector for build_detector and the
+    checkpoint, the seeded images for the dataset and loader, a CPU stand-in for MMDataParallel that records the
+    quantizers after the first (calibration) forward and the folded weights before the second (re-calibration),
+    and single_gpu_test recording the quantizers and the quantized detector's outputs."""
     import numpy as np
     import torch
     setup(a.threads)
-    from quant.quant_model import quant_model, set_quant_state
+    fork = fork_test_module()
     model = A.build_model(a.seed)
     xs, batches = A.images(a.seed, a.sizes)
     out: dict = {f"state/{k}": v.numpy() for k, v in model.state_dict().items()}
     out.update(A.detector_outputs(model, xs, batches, "fp"))
-    q = quant_model(model, input_quant_params={"n_bits": a.a_bits, "channel_wise": False},
-                    weight_quant_params={"n_bits": a.w_bits, "channel_wise": True}).eval()
-    calib = batches[0]
-    set_quant_state(q, input_quant=True, weight_quant=True)
-    with torch.no_grad():
-        q(img=calib["img"].data, img_metas=calib["img_metas"].data, return_loss=False, rescale=True)
-    out.update(quantizers(q, "calib"))
-    with torch.no_grad():
-        out.update(reparameterize(q))
-    set_quant_state(q, input_quant=True, weight_quant=True)
-    with torch.no_grad():
-        q(img=calib["img"].data, img_metas=calib["img_metas"].data, return_loss=False, rescale=True)
-    out.update(quantizers(q, "quant"))
-    out.update(A.detector_outputs(q, xs, batches, "q"))
+
+    class Dataset(list):
+        CLASSES = tuple(str(c) for c in range(80))
+
+        def evaluate(self, outputs, **_):
+            return {}
+
+    class Loader(list):
+        dataset = Dataset(batches)
+
+    class Parallel(torch.nn.Module):
+        """MMDataParallel on the CPU: the DataContainers unwrapped as its scatter does for one device."""
+
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, return_loss, rescale, img, img_metas):
+            self.calls += 1
+            if self.calls == 2:  # after the reparameterization, before the re-calibration
+                out.update(folded(self.module))
+            result = self.module(return_loss=return_loss, rescale=rescale, img=img.data, img_metas=img_metas.data)
+            if self.calls == 1:
+                out.update(quantizers(self.module, "calib"))
+            return result
+
+    def tested(q_model, *_a, **_k):
+        out.update(quantizers(q_model.module, "quant"))
+        out.update(A.detector_outputs(q_model.module, xs, batches, "q"))
+        return []
+
+    fork.build_dataset = lambda cfg: Loader.dataset
+    fork.build_dataloader = lambda dataset, **_: Loader(batches)
+    fork.build_detector = lambda cfg, **_: model
+    fork.load_checkpoint = lambda *_a, **_k: {}
+    fork.MMDataParallel = Parallel
+    fork.single_gpu_test = tested
+    argv = sys.argv
+    sys.argv = ["test.py", str(A.CONFIG), "tiny-seeded.pth", "--eval", "bbox",
+                "--w_bits", str(a.w_bits), "--a_bits", str(a.a_bits)]
+    try:
+        fork.main()
+    finally:
+        sys.argv = argv
     sizes = ",".join(f"{h}x{w}" for h, w in a.sizes)
     meta = {"source": "zkkli/RepQ-ViT detection/tools/test.py", "w_bits": a.w_bits, "a_bits": a.a_bits,
             "seed": a.seed, "sizes": sizes,
