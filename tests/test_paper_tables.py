@@ -151,6 +151,19 @@ def test_labels_carry_the_budget_every_option_and_the_eval_subset():
     assert set(frame["method"]) == {"aiqvit", method_label(smoke)}  # never one cell
 
 
+def test_a_random_weight_run_gets_its_own_row_never_the_papers_cell():
+    """A run without a checkpoint or pretrained weights (the record's ``random_init``) at the paper's protocol is
+    labelled "random weights" and laid out under the paper's row, with no published value beside it."""
+    trained = record("repq_vit", "deit_tiny", (4, 4), 57.0, display="DeiT-T")
+    untrained = record("repq_vit", "deit_tiny", (4, 4), 0.1, display="DeiT-T", sha="cd" * 32)
+    untrained["model"].update({"checkpoint": None, "random_init": True})
+    assert method_label(untrained) == "repq_vit [random weights]" and method_label(trained) == "repq_vit"
+    spec, cells = cells_of("repqvit_table1", [trained, untrained])
+    table = paper.wide(spec, cells)
+    assert table.loc[("W4/A4", "RepQ-ViT"), "DeiT-T"] == "57.00 (57.43, -0.43)"
+    assert table.loc[("W4/A4", "RepQ-ViT [random weights]"), "DeiT-T"] == "0.10"
+
+
 def test_a_switched_off_stage_is_not_in_the_label(tmp_path):
     """AdaLog without ``optimize``: the smoke budget's caps of its reconstruction options (iters, optim_size) change
     nothing the run does (they are outside its run key), so the label names only the search cap."""

@@ -43,9 +43,9 @@ def options_label(record: Mapping[str, Any]) -> str:
 
 
 def protocol_label(record: Mapping[str, Any]) -> str:
-    """What else differs from the paper's protocol: the budget's changes, an evaluation subset (of images, or of the
-    head's classes), per-layer bits; "" when nothing."""
-    parts = []
+    """What else differs from the paper's protocol: random weights (no checkpoint, not pretrained), the budget's
+    changes, an evaluation subset (of images, or of the head's classes), per-layer bits; "" when nothing."""
+    parts = ["random weights"] if (record.get("model") or {}).get("random_init") else []
     protocol = record.get("protocol") or {}
     if protocol.get("budget_changes"):
         changed = ", ".join(f"{k}={v[1]}" for k, v in sorted(protocol["budget_changes"].items()))
