@@ -57,6 +57,7 @@ TRACEBACKS = [
     ("data.mean=[0.1,0.2]", "data.mean"),
     ("data.std=[0]", "data.std=0"),
     ("+method.x=1", "has no option(s) x"),
+    ("method.x=1", "has no option(s) x"),  # without +: refused before Hydra's struct error
     ("data.img_size=32", "data.img_size=32"),
     ("data.channels=3", "data.channels=3"),
     ("method.calib_size=9000", "method.calib_size=9000: the train split has only 8000 images"),

@@ -190,6 +190,8 @@ def test_method_options_come_from_the_yaml_typed() -> None:
     ):
         with pytest.raises(ConfigError, match=phrase.replace("(", r"\(").replace(")", r"\)")):
             build_method("aiqvit", BitWidth(4, 4), **bad)
+    with pytest.raises(ConfigError, match=r"options: .*\biters\b.*, calib_size\)$"):  # every key a user may set
+        build_method("aiqvit", BitWidth(4, 4), search_iterz=3)
 
 
 def test_runtime_options_stay_out_of_the_identity() -> None:

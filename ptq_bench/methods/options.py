@@ -71,7 +71,8 @@ def parse_options(options_cls: type[T], values: Mapping[str, Any], method: str) 
     fields = {f.name: f for f in dataclasses.fields(options_cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"method '{method}' has no option(s) {', '.join(unknown)} (options: {', '.join(fields)})")
+        known = [*fields, *(k for k in HARNESS_KEYS if k != "name")]  # calib_size: the harness reads it
+        raise ConfigError(f"method '{method}' has no option(s) {', '.join(unknown)} (options: {', '.join(known)})")
     missing = sorted(set(fields) - set(values))
     if missing:
         raise ConfigError(f"method '{method}' is missing option(s) {', '.join(missing)} (set them in conf/method/{method}.yaml)")
