@@ -74,7 +74,7 @@ class AphqVit(QDrop):
         if not o.reconstruct_mlp:
             return
         cfg = MLPReconstruction(o.mlp_iters, o.mlp_lr, o.mlp_quant_weight, self.mlp_pct, o.batch_size, o.temperature)
-        reconstruct_mlps_(model, fp_model, data, cfg, generator or torch.Generator().manual_seed(self.seed))
+        reconstruct_mlps_(model, fp_model, data, cfg, generator or torch.Generator().manual_seed(self.seed), self.progress)
 
     detection_hessian = True
 

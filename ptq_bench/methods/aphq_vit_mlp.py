@@ -77,7 +77,7 @@ class AphqVitMlp(Method):
                                                 o.mlp_pct, self.progress)
         else:
             cfg = MLPReconstruction(o.mlp_iters, o.mlp_lr, o.mlp_quant_weight, o.mlp_pct, o.batch_size, o.temperature)
-            losses = reconstruct_mlps_(model, fp_model, data, cfg, torch.Generator().manual_seed(self.seed))
+            losses = reconstruct_mlps_(model, fp_model, data, cfg, torch.Generator().manual_seed(self.seed), self.progress)
         self.transforms.append({"transform": "APHQ-ViT MLP reconstruction (GELU -> ReLU, FP)", "mlps": len(losses),
                                 "final_losses": losses})
         return model

@@ -14,6 +14,7 @@ which get no gradient (the MLP input is fixed), so they do not change.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ from ptq_bench.transforms.aph import perturbation_hessian, prediction_targets
 from ptq_bench.transforms.block_capture import block_outputs, capture_block_inputs
 from ptq_bench.transforms.qdrop import skip_loader_seeds
 from ptq_bench.transforms.reconstruction import ReconStep, reconstruct_block
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,9 @@ def positive_quantile(x: torch.Tensor, pct: float) -> float:
 
 
 def reconstruct_mlps_(model: nn.Module, fp_model: nn.Module, data: CalibrationData, cfg: MLPReconstruction,
-                      generator: torch.Generator) -> list[float]:
-    """Swap every MLP of ``model`` to ReLU and retrain it against ``fp_model``'s GELU MLP; returns the final losses."""
+                      generator: torch.Generator, progress: bool = False) -> list[float]:
+    """Swap every MLP of ``model`` to ReLU and retrain it against ``fp_model``'s GELU MLP; returns the final losses
+    (``progress``: a bar per MLP's iterations; each MLP's first and last loss are logged)."""
     swap_to_relu_(model)
     fp_mlps = dict(block_mlps(fp_model))
     targets = prediction_targets(fp_model, data, cfg.batch_size, cfg.temperature)
@@ -91,12 +95,15 @@ def reconstruct_mlps_(model: nn.Module, fp_model: nn.Module, data: CalibrationDa
         hessian = unit_rms(perturbation_hessian(fp_model, fp_mlp, data, cfg.batch_size, cfg.temperature, targets), name)
         skip_loader_seeds(generator, 3)  # the official passes: inputs/outputs, then the two perturbed ones
         ub = positive_quantile(fc2_in, cfg.pct)
-        finals.append(_train(mlp, x, y, hessian, ub, cfg, generator))
+        history = _train(mlp, x, y, hessian, ub, cfg, generator, f"MLP reconstruction {name}", progress)
+        if history:
+            log.info("MLP reconstruction %s: loss %.4g -> %.4g", name, history[0], history[-1])
+        finals.append(history[-1] if history else float("nan"))
     return finals
 
 
 def _train(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, hessian: torch.Tensor, ub: float,
-           cfg: MLPReconstruction, generator: torch.Generator) -> float:
+           cfg: MLPReconstruction, generator: torch.Generator, desc: str, progress: bool) -> list[float]:
     params = [p for m in (mlp.fc1, mlp.fc2) for p in (m.weight, m.bias) if p is not None]
     for p in params:
         p.requires_grad_(True)
@@ -113,8 +120,7 @@ def _train(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, hessian: torch.Tens
 
     step = ReconStep(optimizer, torch.arange(x.shape[0], device=x.device), after=schedule.step, always_shuffle=True)
     try:
-        history = reconstruct_block(mlp, x, y, [step], cfg.iters, cfg.batch_size, generator, objective)
+        return reconstruct_block(mlp, x, y, [step], cfg.iters, cfg.batch_size, generator, objective, desc, progress)
     finally:
         for p in params:
             p.requires_grad_(False)
-    return history[-1] if history else float("nan")
