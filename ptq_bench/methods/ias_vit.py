@@ -109,6 +109,7 @@ class IaSViT(Method):
         with torch.no_grad(), keeps_fp_function(model, data, "RepQ-ViT LayerNorm→Linear reparameterization") as check:
             edited = reparameterize_layernorm_(model, mean_target, pairs=pairs)
         self.transforms.append(check.record(folded=folded_pairs(model, edited)))
+        log.info("%s stage 2: %d LayerNorm -> Linear pairs reparameterized to per-tensor input grids", self.name, len(edited))
         with torch.no_grad():  # the official second calibration forward: only the weight quantizers are new
             for weight, quantizer in weighted:
                 quantizer.enabled = True
