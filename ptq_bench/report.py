@@ -106,10 +106,21 @@ def paper_report(spec: Any, records: list[dict], out: Path, stem: str | None, sh
     if show_sources:
         table = paper.sources(cells)
         print("Sources of the published values:\n\n" + (table.to_markdown(index=False, disable_numparse=True) if len(table) else "(none)"))
-    done = int((cells["status"] == "reproduced").sum()) if len(cells) else 0
-    runnable = int(cells["status"].isin(["reproduced", "missing"]).sum()) if len(cells) else 0
-    print(f"\n{done} of {runnable} reproducible cells have records. written: " + ", ".join(str(p) for p in paths.values()))
+    print(f"\n{coverage_line(cells)}. written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def coverage_line(cells: pd.DataFrame) -> str:
+    """How many of the paper's reproducible cells have records; cells of rows run at other protocols (budget,
+    options, evaluation subset, random weights) are counted apart, never in the paper's total."""
+    if not len(cells):
+        return "0 of 0 reproducible cells have records"
+    own = cells["kind"] == "paper"
+    done = int((own & (cells["status"] == "reproduced")).sum())
+    runnable = int((own & cells["status"].isin(["reproduced", "missing"])).sum())
+    others = int((~own & (cells["status"] == "reproduced")).sum())
+    line = f"{done} of {runnable} reproducible cells have records"
+    return line + (f" (and {others} more in rows of other protocols)" if others else "")
 
 
 def papers_table(published: pd.DataFrame | None = None) -> str:
