@@ -99,31 +99,27 @@ def check_method_keys(args: list[str]) -> None:
     """``method.<key>=value`` (no ``+``) for a key the chosen method's YAML lacks: the same one-line refusal as
     ``+method.<key>=`` gets from the method's options, before Hydra composes (its struct error spans six lines).
     Left to Hydra with an experiment (it may choose the method) or a changed search path."""
+    given = [arg.partition("=")[0].removeprefix("method.").split(".")[0] for arg in args
+             if arg.startswith("method.") and "=" in arg]
     dirs = config_dirs(args)
-    if dirs is None or any("experiment=" in arg for arg in args):
+    if not given or dirs is None or any("experiment=" in arg for arg in args):
         return
-    from ptq_bench.methods.options import HARNESS_KEYS
+    from ptq_bench.methods.options import unknown_options
 
     chosen = [arg.partition("=")[2] for arg in args if arg.startswith("method=")]
-    default = [next(iter(e.values())) for e in OmegaConf.load(conf_path("config.yaml")).defaults
-               if isinstance(e, DictConfig) and "method" in e]
-    names = (chosen[-1] if chosen else str(default[0])).split(",")
-    for arg in args:
-        key, sep, _ = arg.partition("=")
-        if not sep or not key.startswith("method.") or not all(re.fullmatch(r"[\w-]+", n) for n in names):
-            continue
-        option = key.removeprefix("method.").split(".")[0]
-        for name in names:
-            yaml = next((folder / "method" / f"{name}.yaml" for folder in dirs
-                         if (folder / "method" / f"{name}.yaml").is_file()), None)
-            if yaml is None:
-                continue
-            keys = list(OmegaConf.load(yaml))
-            if option not in keys:
-                options = [k for k in keys if k not in HARNESS_KEYS] + [k for k in HARNESS_KEYS if k != "name"]
-                print(f"error: method '{name}' has no option(s) {option} (options: {', '.join(options)})",
-                      file=sys.stderr)
-                sys.exit(2)
+    default = [str(entry["method"]) for entry in OmegaConf.load(conf_path("config.yaml")).defaults
+               if isinstance(entry, DictConfig) and "method" in entry]
+    names = (chosen[-1] if chosen else default[0]).split(",")
+    if not all(re.fullmatch(r"[\w-]+", name) for name in names):  # Hydra's sweep functions stay Hydra's
+        return
+    for name in names:
+        yaml = next((folder / "method" / f"{name}.yaml" for folder in dirs
+                     if (folder / "method" / f"{name}.yaml").is_file()), None)
+        keys = list(OmegaConf.load(yaml)) if yaml is not None else None
+        unknown = [option for option in given if keys is not None and option not in keys]
+        if unknown:
+            print(f"error: {unknown_options(name, unknown, keys)}", file=sys.stderr)
+            sys.exit(2)
 
 
 def gpu_slot(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[int]:

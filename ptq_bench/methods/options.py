@@ -12,7 +12,7 @@ on are declared with :func:`keyed_with` and enter the identity only with it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar, get_type_hints
+from typing import Any, Iterable, Mapping, Sequence, TypeVar, get_type_hints
 
 from omegaconf import OmegaConf
 
@@ -66,13 +66,18 @@ def method_defaults(name: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
 
 
+def unknown_options(method: str, unknown: Sequence[str], options: Iterable[str]) -> str:
+    """The one-line refusal of ``unknown`` keys: the method's ``options`` and the harness's ``calib_size`` listed."""
+    known = [*(k for k in options if k not in HARNESS_KEYS), *(k for k in HARNESS_KEYS if k != "name")]
+    return f"method '{method}' has no option(s) {', '.join(unknown)} (options: {', '.join(known)})"
+
+
 def parse_options(options_cls: type[T], values: Mapping[str, Any], method: str) -> T:
     """``options_cls`` built from ``values``; one-line :class:`ConfigError` for unknown, missing or mistyped keys."""
     fields = {f.name: f for f in dataclasses.fields(options_cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        known = [*fields, *(k for k in HARNESS_KEYS if k != "name")]  # calib_size: the harness reads it
-        raise ConfigError(f"method '{method}' has no option(s) {', '.join(unknown)} (options: {', '.join(known)})")
+        raise ConfigError(unknown_options(method, unknown, fields))
     missing = sorted(set(fields) - set(values))
     if missing:
         raise ConfigError(f"method '{method}' is missing option(s) {', '.join(missing)} (set them in conf/method/{method}.yaml)")
